@@ -1,0 +1,1 @@
+"""serving: Ray Serve application routing requests to stitches by X-Compute-Budget."""

@@ -1,0 +1,1 @@
+"""stitchlib: weight-shared stitched LMs from one anchor pair (ESTA: PST + SNIP)."""

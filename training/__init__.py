@@ -1,0 +1,1 @@
+"""training: one-stage PST + SNIP adaptation of an anchor pair into a palette."""
