@@ -1,0 +1,245 @@
+"""Palette files: a directory with `manifest.json` and safetensors files of the trained tensors.
+
+    manifest.json         format version, anchors (+ weight fingerprints), task and labels, the full
+                          stitch table (cost, score, deployed, metrics), PST/space/training configs,
+                          and every tensor file's size and SHA-256
+    adapters.safetensors  shared LoRA, stitch-specific biases, classification heads
+    stitching.safetensors stitching-layer matrices, biases and their LoRA
+
+Writing is atomic (a temp directory renamed into place), so a crash never leaves half a palette.
+Loading checks the format version, checksums, tensor names/shapes and the anchors' fingerprints
+and raises `PaletteError` with one clear sentence for each failure.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from .errors import PaletteError
+from .pst import PSTConfig
+from .space import StitchSpaceConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class AnchorRef(BaseModel):
+    name: str
+    source: str = Field(description="what stitchlib.load_anchor is given to load it again")
+    fingerprint: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    head_dim: int
+    params: int
+
+
+class StitchEntry(BaseModel):
+    id: str
+    kind: Literal["small", "large", "stitch"]
+    split: int | None
+    join: int | None
+    params: int
+    bytes: int
+    gflops: float
+    score: float | None = None
+    deployed: bool = False
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    bytes: int
+    tensors: int
+
+
+class PaletteManifest(BaseModel):
+    format_version: int
+    name: str
+    created: str = Field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    small: AnchorRef
+    large: AnchorRef
+    task: Literal["chat", "classify"]
+    labels: list[str] | None = None
+    context_len: int = 512
+    quality_metric: str | None = Field(None, description="metrics key ranking stitches, higher is better")
+    pst: PSTConfig = Field(default_factory=PSTConfig)
+    space: StitchSpaceConfig = Field(default_factory=StitchSpaceConfig)
+    stitches: list[StitchEntry]
+    training: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, FileEntry] = Field(default_factory=dict)
+
+    def deployed(self) -> list[StitchEntry]:
+        return [s for s in self.stitches if s.deployed]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split_tensors(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    files: dict[str, dict[str, torch.Tensor]] = {"adapters.safetensors": {}, "stitching.safetensors": {}}
+    for k, v in sd.items():
+        files["stitching.safetensors" if k.startswith("stitching.") else "adapters.safetensors"][k] = \
+            v.detach().contiguous().cpu()
+    return {f: t for f, t in files.items() if t}
+
+
+def save_palette(out_dir: str | Path, manifest: PaletteManifest, tensors: dict[str, torch.Tensor], *,
+                 overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write atomically: everything goes to a sibling temp dir, which is renamed into place last."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise PaletteError(f"{out} already exists (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files = {}
+        for fname, ts in split_tensors(tensors).items():
+            save_file(ts, str(tmp / fname), metadata={"format": "stitchserve-palette"})
+            files[fname] = FileEntry(sha256=_sha256(tmp / fname), bytes=(tmp / fname).stat().st_size,
+                                     tensors=len(ts))
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
+        m = manifest.model_copy(update={"files": files, "format_version": FORMAT_VERSION})
+        (tmp / MANIFEST).write_text(m.model_dump_json(indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(palette_dir: str | Path) -> PaletteManifest:
+    d = Path(palette_dir)
+    if not d.is_dir():
+        raise PaletteError(f"palette directory not found: {d}")
+    mp = d / MANIFEST
+    if not mp.is_file():
+        raise PaletteError(f"{d} is not a palette: no {MANIFEST}")
+    try:
+        raw = json.loads(mp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PaletteError(f"{mp}: corrupt manifest (not JSON: {e})") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise PaletteError(f"{mp}: unsupported palette format_version {version!r} "
+                           f"(this stitchserve reads version {FORMAT_VERSION})")
+    try:
+        return PaletteManifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise PaletteError(f"{mp}: invalid manifest at {where}: {first['msg']}") from None
+
+
+def load_palette(palette_dir: str | Path, *, small_fingerprint: str | None = None,
+                 large_fingerprint: str | None = None) -> tuple[PaletteManifest, dict[str, torch.Tensor]]:
+    """Validated manifest and tensors. Fingerprints, when given, must match the manifest's anchors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(palette_dir)
+    m = read_manifest(d)
+    for role, fp, ref in (("small", small_fingerprint, m.small), ("large", large_fingerprint, m.large)):
+        if fp is not None and fp != ref.fingerprint:
+            raise PaletteError(f"palette {d} was trained on {role} anchor {ref.name!r} (fingerprint "
+                               f"{ref.fingerprint}) but the loaded {role} anchor has fingerprint {fp}: "
+                               "different weights, refusing to combine them")
+    tensors: dict[str, torch.Tensor] = {}
+    for fname, entry in m.files.items():
+        p = d / fname
+        if not p.is_file():
+            raise PaletteError(f"palette {d} is missing {fname}")
+        size = p.stat().st_size
+        if size != entry.bytes:
+            raise PaletteError(f"{p}: truncated or altered ({size} bytes, manifest says {entry.bytes})")
+        if _sha256(p) != entry.sha256:
+            raise PaletteError(f"{p}: checksum mismatch (file corrupt or altered)")
+        try:
+            ts = load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PaletteError(f"{p}: unreadable safetensors file ({e})") from None
+        if len(ts) != entry.tensors:
+            raise PaletteError(f"{p}: holds {len(ts)} tensors, manifest says {entry.tensors}")
+        tensors.update(ts)
+    added = sum(t.numel() * t.element_size() for t in tensors.values())
+    log.info("palette %s: %d stitches (%d deployed), %d tensors, %.1f MB added to the anchor pair",
+             m.name, len(m.stitches), len(m.deployed()), len(tensors), added / 1e6)
+    return m, tensors
+
+
+def anchor_ref(anchor) -> AnchorRef:
+    return AnchorRef(**anchor.describe())
+
+
+def build_manifest(model, *, name: str, task: Literal["chat", "classify"], labels: list[str] | None = None,
+                   scores: dict[str, float] | None = None, deployed: set[str] | None = None,
+                   metrics: dict[str, dict[str, float]] | None = None, quality_metric: str | None = None,
+                   training: dict[str, Any] | None = None) -> PaletteManifest:
+    """Manifest of a StitchedLM's palette. `deployed` defaults to every stitch."""
+    scores, metrics = scores or {}, metrics or {}
+    rows = []
+    for s in model.stitches:
+        c = model.cost(s)
+        rows.append(StitchEntry(id=s.id, kind=s.kind, split=s.split, join=s.join, params=c.params, bytes=c.bytes,
+                                gflops=round(c.gflops, 6), score=scores.get(s.id),
+                                deployed=(deployed is None or s.id in deployed), metrics=metrics.get(s.id, {})))
+    return PaletteManifest(format_version=FORMAT_VERSION, name=name, small=anchor_ref(model.small_anchor),
+                           large=anchor_ref(model.large_anchor), task=task, labels=labels,
+                           context_len=model.context_len, quality_metric=quality_metric, pst=model.pst_cfg,
+                           space=model.space_cfg, stitches=rows, training=training or {})
+
+
+def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str = "tiny-large",
+                 task: Literal["chat", "classify"] = "chat", labels: list[str] | None = None, seed: int = 0,
+                 calibration_texts: list[str] | None = None, n_calibration: int = 100, max_len: int = 128,
+                 dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True) -> Path:
+    """A least-squares-only palette: stitching layers calibrated, PST untrained (LoRA and SSB zero,
+    classification heads seeded-random). Every stitch is deployed; quality is unknown, so serving
+    ranks stitches by size. The starting point before `stitchserve adapt`, and the test fixture."""
+    from .anchors import load_anchor
+    from .calibrate import calibrate_, default_calibration_texts, token_batches
+    from .model import StitchedLM
+
+    if task == "classify" and (not labels or len(labels) < 2):
+        raise PaletteError("a classify palette needs at least two labels")
+    S = load_anchor(small, dtype=dtype, progress=progress)
+    L = load_anchor(large, dtype=dtype, progress=progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = StitchedLM(S, L, num_labels=len(labels) if task == "classify" else 0)
+    texts = calibration_texts or default_calibration_texts(n_calibration)
+    bs = 8
+    residual = calibrate_(model, token_batches(S.tokenizer, texts, batch_size=bs, max_len=max_len),
+                          progress=progress, total=(len(texts) + bs - 1) // bs)
+    metrics = {sid: {"calibration_residual": r} for sid, r in residual.items()}
+    name = Path(out_dir).name
+    manifest = build_manifest(model, name=name, task=task, labels=labels, metrics=metrics,
+                              training={"kind": "least-squares-only", "calibration_sequences": len(texts),
+                                        "max_len": max_len, "seed": seed})
+    return save_palette(out_dir, manifest, model.palette_state_dict(), overwrite=overwrite)

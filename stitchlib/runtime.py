@@ -1,0 +1,206 @@
+"""PaletteRuntime: a palette ready to serve — the anchor pair loaded once, shared LoRA merged into it,
+stitching layers and stitch-specific biases per stitch — with batch generation, classification and
+on-hardware latency profiling. This is the whole surface the serving layer uses.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from .anchors import load_anchor, resolve_dtype
+from .errors import PaletteError
+from .model import StitchedLM
+from .palette import PaletteManifest, load_palette, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+class SamplingParams(BaseModel):
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+
+
+class StitchInfo(BaseModel):
+    id: str
+    split: int | None
+    join: int | None
+    params: int
+    gflops: float
+    bytes: int
+    score: float | None = None
+    deployed: bool = True
+    metrics: dict[str, float] = Field(default_factory=dict)
+    quality: float = Field(description="higher is better; the palette's quality metric, or size when unknown")
+
+
+class StitchProfile(BaseModel):
+    prefill_s_per_token: float
+    decode_step_s: dict[int, float]
+
+
+def stitch_infos(manifest: PaletteManifest) -> list[StitchInfo]:
+    """Deployed stitches, cheapest first, each with a comparable quality figure."""
+    dep = manifest.deployed()
+    qm = manifest.quality_metric
+    have = qm is not None and all(qm in s.metrics for s in dep)
+    out = [StitchInfo(id=s.id, split=s.split, join=s.join, params=s.params, gflops=s.gflops, bytes=s.bytes,
+                      score=s.score, deployed=True, metrics=s.metrics,
+                      quality=s.metrics[qm] if have else s.gflops) for s in dep]
+    return sorted(out, key=lambda s: s.gflops)
+
+
+class PaletteRuntime:
+    def __init__(self, manifest: PaletteManifest, model: StitchedLM, device: torch.device) -> None:
+        self.manifest = manifest
+        self.model = model
+        self.device = device
+        self.name = manifest.name
+        self.task = manifest.task
+        self.labels = manifest.labels
+        self.tokenizer = model.small_anchor.tokenizer
+        self.max_context = int(min(model.small_anchor.config.max_position_embeddings,
+                                   model.large_anchor.config.max_position_embeddings))
+        self.stitches = stitch_infos(manifest)
+        self._eos = {t for t in [self.tokenizer.eos_token_id, model.large_anchor.config.eos_token_id]
+                     if isinstance(t, int)}
+
+    @classmethod
+    def load(cls, palette_dir: str | Path, *, device: str = "cpu", dtype: str = "bfloat16",
+             progress: bool = False) -> "PaletteRuntime":
+        manifest = read_manifest(palette_dir)
+        dev = torch.device(device)
+        S = load_anchor(manifest.small.source, dtype=dtype, device=dev, progress=progress)
+        L = load_anchor(manifest.large.source, dtype=dtype, device=dev, progress=progress)
+        manifest, tensors = load_palette(palette_dir, small_fingerprint=S.fingerprint,
+                                         large_fingerprint=L.fingerprint)
+        model = StitchedLM(S, L, space=manifest.space, pst=manifest.pst,
+                           num_labels=len(manifest.labels or []) if manifest.task == "classify" else 0,
+                           context_len=manifest.context_len)
+        try:
+            model.load_palette_state_dict(tensors)
+        except KeyError as e:
+            raise PaletteError(f"{palette_dir}: {e.args[0]}") from None
+        unknown = {s.id for s in manifest.stitches} - set(model.slot)
+        if unknown:
+            raise PaletteError(f"{palette_dir}: manifest names stitches this anchor pair does not have: "
+                               f"{sorted(unknown)}")
+        model.merge_lora_()
+        model.pst_to_(resolve_dtype(dtype))
+        model.to(dev).eval()
+        return cls(manifest, model, dev)
+
+    def stitch(self, stitch_id: str) -> StitchInfo:
+        for s in self.stitches:
+            if s.id == stitch_id:
+                return s
+        raise KeyError(f"stitch {stitch_id!r} is not deployed in palette {self.name!r}")
+
+    # ---- generation ---------------------------------------------------------------------------
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(prompts), T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if p:
+                ids[i, T - len(p):] = torch.tensor(p)
+                mask[i, T - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def generate_steps(self, prompts: list[list[int]], stitch_id: str,
+                       params: list[SamplingParams]) -> Iterator[list[int | None]]:
+        """One yield per decode step: each row's new token, or None once that row has finished."""
+        self.stitch(stitch_id)
+        if len(prompts) != len(params):
+            raise ValueError("one SamplingParams per prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt")
+        longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
+        if longest > self.max_context:
+            raise ValueError(f"prompt + max_tokens = {longest} exceeds the context of {self.max_context}")
+        ids, mask = self._left_pad(prompts)
+        n = max(sp.max_tokens for sp in params)
+        stops = [self._eos | set(sp.stop_token_ids) for sp in params]
+        done = [False] * len(prompts)
+        produced = [0] * len(prompts)
+        stream = self.model.stream(ids, stitch_id, mask, max_new_tokens=n,
+                                   temperature=torch.tensor([sp.temperature for sp in params]),
+                                   top_p=torch.tensor([sp.top_p for sp in params]),
+                                   seeds=[sp.seed for sp in params])
+        try:
+            for tok in stream:
+                out: list[int | None] = []
+                for i, t in enumerate(tok.tolist()):
+                    if done[i]:
+                        out.append(None)
+                        continue
+                    out.append(t)
+                    produced[i] += 1
+                    if t in stops[i] or produced[i] >= params[i].max_tokens:
+                        done[i] = True
+                yield out
+                if all(done):
+                    return
+        finally:
+            stream.close()
+
+    # ---- classification -----------------------------------------------------------------------
+    @torch.no_grad()
+    def classify(self, texts: list[str], stitch_id: str) -> list[dict[str, float]]:
+        if self.task != "classify":
+            raise ValueError(f"palette {self.name!r} is a {self.task} palette, not classify")
+        self.stitch(stitch_id)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                             max_length=min(self.max_context, self.manifest.context_len), padding_side="left")
+        logits = self.model.classify(enc["input_ids"].to(self.device), stitch_id,
+                                     enc["attention_mask"].to(self.device))
+        probs = torch.softmax(logits.float(), -1).cpu()
+        return [{lab: float(p) for lab, p in zip(self.labels, row)} for row in probs]
+
+    # ---- profiling ----------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def profile(self, stitch_ids: list[str] | None = None, *, prompt_len: int = 32, decode_steps: int = 8,
+                batch_sizes: tuple[int, ...] = (1,)) -> dict[str, StitchProfile]:
+        """Measure on this hardware: prefill seconds per prompt token and seconds per decode step
+        at each batch size (median of `decode_steps` steps, after one warm-up)."""
+        ids_all = stitch_ids or [s.id for s in self.stitches]
+        vocab = min(len(self.tokenizer), self.model.small_anchor.stats.vocab_size)
+        g = torch.Generator().manual_seed(0)
+        out: dict[str, StitchProfile] = {}
+        for sid in ids_all:
+            decode: dict[int, float] = {}
+            prefill = 0.0
+            for bs in batch_sizes:
+                ids = torch.randint(0, vocab, (bs, prompt_len), generator=g).to(self.device)
+                for warm in (True, False):
+                    cache = self.model.new_cache()
+                    self._sync()
+                    t0 = time.perf_counter()
+                    logits = self.model(ids, sid, None, cache)
+                    self._sync()
+                    t_pre = time.perf_counter() - t0
+                    tok = logits[:, -1].argmax(-1, keepdim=True)
+                    one = torch.ones(bs, 1, dtype=torch.long, device=self.device)
+                    steps = []
+                    for _ in range(1 if warm else decode_steps):
+                        t0 = time.perf_counter()
+                        tok = self.model(tok, sid, one, cache)[:, -1].argmax(-1, keepdim=True)
+                        self._sync()
+                        steps.append(time.perf_counter() - t0)
+                if bs == batch_sizes[0]:
+                    prefill = t_pre / (bs * prompt_len)
+                decode[bs] = sorted(steps)[len(steps) // 2]
+            out[sid] = StitchProfile(prefill_s_per_token=prefill, decode_step_s=decode)
+        return out
