@@ -103,7 +103,7 @@ def default_calibration_texts(n: int = 100) -> list[str]:
     mods = ["json", "re", "collections", "itertools", "functools", "os.path", "pathlib", "textwrap",
             "string", "math", "statistics", "datetime", "heapq", "bisect", "random", "argparse",
             "logging", "csv", "shutil", "difflib", "fractions", "decimal", "enum", "dataclasses",
-            "typing", "contextlib", "operator", "copy", "pprint", "unittest"]
+            "contextlib", "operator", "copy", "pprint", "unittest"]
     texts: list[str] = []
     for name in mods:
         mod = importlib.import_module(name)

@@ -130,5 +130,5 @@ def stitch_table(small: Anchor, large: Anchor, cfg: StitchSpaceConfig | None = N
     for s in enumerate_stitches(small.stats.num_layers, large.stats.num_layers, cfg):
         c = stitch_cost(s, small.stats, large.stats, context_len=context_len, dtype=dtype)
         rows.append({"id": s.id, "kind": s.kind, "split": s.split, "join": s.join, "params": c.params,
-                     "gflops": round(c.gflops, 4), "bytes": c.bytes, "context_len": context_len})
+                     "gflops": round(c.gflops, 6), "bytes": c.bytes, "context_len": context_len})
     return rows

@@ -1,0 +1,149 @@
+"""`stitchserve` console script.
+
+stitchlib's own subcommands live here; `adapt` (training) and `serve` (serving) are contributed by
+those packages through the `stitchserve.commands` entry-point group, so stitchlib never imports them.
+Errors of stitchlib's kinds become one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib.metadata import entry_points
+
+from .errors import StitchError
+
+
+def _cmd_stitches(args: argparse.Namespace) -> int:
+    from .anchors import check_pair, load_anchor
+    from .space import StitchSpaceConfig, stitch_table
+
+    small = load_anchor(args.small, dtype=args.dtype)
+    large = load_anchor(args.large, dtype=args.dtype)
+    check_pair(small, large)
+    try:
+        cfg = StitchSpaceConfig(kernel=args.kernel, stride=args.stride)
+        rows = stitch_table(small, large, cfg, context_len=args.context, dtype=args.dtype)
+    except ValueError as e:
+        raise StitchError(str(e)) from None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{small.name} ({small.stats.num_layers} layers, d={small.stats.hidden_size}) -> "
+          f"{large.name} ({large.stats.num_layers} layers, d={large.stats.hidden_size}): "
+          f"{len(rows)} stitches, GFLOPs per token at context {args.context}")
+    print(f"{'id':<10} {'split':>5} {'join':>5} {'params':>14} {'GFLOPs':>9} {'bytes':>15}")
+    for r in rows:
+        split = "-" if r["split"] is None else r["split"]
+        join = "-" if r["join"] is None else r["join"]
+        print(f"{r['id']:<10} {split:>5} {join:>5} {r['params']:>14,} {r['gflops']:>9.4g} {r['bytes']:>15,}")
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .hub import pull
+
+    for name in args.names:
+        path = pull(name, force=args.force)
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_init_palette(args: argparse.Namespace) -> int:
+    from .palette import init_palette
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    out = init_palette(args.out, small=args.small, large=args.large, task=args.task, labels=labels,
+                       seed=args.seed, n_calibration=args.calibration, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote least-squares-only palette {out}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .palette import load_palette
+
+    m, tensors = load_palette(args.palette)
+    added = sum(t.numel() * t.element_size() for t in tensors.values())
+    if args.json:
+        print(m.model_dump_json(indent=2))
+        return 0
+    print(f"palette {m.name}: task {m.task}, anchors {m.small.name} -> {m.large.name}, "
+          f"{len(m.stitches)} stitches ({len(m.deployed())} deployed), {added / 1e6:.1f} MB of tensors")
+    for s in m.stitches:
+        mark = "*" if s.deployed else " "
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in s.metrics.items())
+        score = "-" if s.score is None else f"{s.score:.4g}"
+        print(f"{mark} {s.id:<10} {s.gflops:>9.3f} GFLOPs  score {score:<10} {metrics}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stitchserve", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stitches", help="print the stitch space of an anchor pair with each stitch's cost")
+    s.add_argument("--small", default="qwen2.5-coder-0.5b", help="small anchor (name, HF dir or .gguf)")
+    s.add_argument("--large", default="qwen2.5-coder-1.5b", help="large anchor (name, HF dir or .gguf)")
+    s.add_argument("--kernel", type=int, default=1, help="window size (equal depths only)")
+    s.add_argument("--stride", type=int, default=1, help="window stride (equal depths only)")
+    s.add_argument("--context", type=int, default=512, help="context length the FLOPs are counted at")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    s.set_defaults(func=_cmd_stitches)
+
+    s = sub.add_parser("pull", help="fetch, verify and convert built-in anchors into the local cache")
+    s.add_argument("names", nargs="*", default=["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+    s.add_argument("--force", action="store_true", help="fetch again even if cached")
+    s.set_defaults(func=_cmd_pull)
+
+    s = sub.add_parser("init-palette", help="write a least-squares-only palette (no training)")
+    s.add_argument("--small", default="qwen2.5-coder-0.5b")
+    s.add_argument("--large", default="qwen2.5-coder-1.5b")
+    s.add_argument("--task", choices=["chat", "classify"], default="chat")
+    s.add_argument("--labels", help="comma-separated labels (classify)")
+    s.add_argument("--out", required=True, help="palette directory to create")
+    s.add_argument("--calibration", type=int, default=100, help="number of calibration sequences")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_init_palette)
+
+    s = sub.add_parser("inspect", help="validate a palette and print its stitch table")
+    s.add_argument("palette")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_inspect)
+
+    for ep in sorted(entry_points(group="stitchserve.commands"), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except ImportError as e:  # an extra that is not installed: say how to get it
+            s = sub.add_parser(ep.name, help=f"(unavailable: {e.name or e} is not installed)")
+            s.set_defaults(func=lambda a, e=e, n=ep.name: _missing(n, e))
+            continue
+        register(sub)
+    return p
+
+
+def _missing(name: str, e: ImportError) -> int:
+    print(f"stitchserve {name}: needs {e.name or e}; install with pip install 'stitchserve[all]'", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except StitchError as e:
+        print(f"stitchserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stitchserve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
