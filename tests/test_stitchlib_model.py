@@ -234,3 +234,66 @@ def test_8bit_frozen_weights_keep_lora_gradients_after_eval(tiny_pair):
     q = model.large_anchor.layers[3].self_attn.q_proj
     assert q.lora_a.grad is not None and q.lora_b.grad is not None
     assert q.lora_b.grad.abs().sum() > 0
+
+
+def test_llama_pair_from_hf_directories(tmp_path):
+    """Any LLaMA-layout decoder loads from a plain HF directory and stitches (here: Llama, no q/k/v
+    biases, different head dims), and its anchor route is exactly HF's model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stitchlib.anchors import load_anchor
+    from stitchlib.model import StitchedLM
+    from stitchlib.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    for name, (d, n, hd, seed) in {"a": (48, 3, 12, 0), "b": (96, 5, 24, 1)}.items():
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, num_hidden_layers=n, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=hd, intermediate_size=2 * d, tie_word_embeddings=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        LlamaForCausalLM(cfg).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    S = load_anchor(str(tmp_path / "a"), dtype="float32")
+    L = load_anchor(str(tmp_path / "b"), dtype="float32")
+    ids = _ids(t=7)
+    with torch.no_grad():
+        ref = L.model(ids).logits
+        model = StitchedLM(S, L)
+        assert [s.id for s in model.stitches] == ["small", "s2-l4", "s1-l3", "s1-l2", "s0-l1", "large"]
+        torch.testing.assert_close(model(ids, "large"), ref, atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(model(ids, "s1-l3")).all()
+
+
+def test_non_llama_layout_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from stitchlib.anchors import load_anchor
+    from stitchlib.errors import AnchorError
+    from stitchlib.tiny import build_tiny_tokenizer
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=259)).save_pretrained(tmp_path / "g")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "g")
+    with pytest.raises(AnchorError, match="LLaMA decoder layout"):
+        load_anchor(str(tmp_path / "g"))
+
+
+@pytest.mark.parametrize("mode,max_rel", [("8bit", 0.05), ("4bit", 0.5)])
+def test_quantized_anchors_match_plain_within_quantization_error(tiny_pair, mode, max_rel):
+    """Parity of bitsandbytes frozen weights with the bf16 model (nf4 on random tiny weights is coarse:
+    the bound is loose for 4-bit by nature; 8-bit must be close)."""
+    pytest.importorskip("bitsandbytes")
+    from stitchlib.anchors import quantize_anchor
+    from stitchlib.model import StitchedLM
+
+    ids = _ids()
+    plain = StitchedLM(*tiny_pair("bfloat16"))
+    S, L = tiny_pair("bfloat16")
+    quantize_anchor(S, mode)
+    quantize_anchor(L, mode)
+    quant = StitchedLM(S, L)
+    assert S.quantization == mode
+    with torch.no_grad():
+        for sid in ("small", "s2-l3", "large"):
+            a, b = quant(ids, sid).float(), plain(ids, sid).float()
+            assert torch.isfinite(a).all()
+            assert float((a - b).norm() / b.norm()) < max_rel, sid
