@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from .anchors import load_anchor, resolve_dtype
 from .errors import PaletteError
 from .model import StitchedLM
-from .palette import PaletteManifest, load_palette, read_manifest
+from .palette import PaletteManifest, StitchEntry, load_palette, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +28,9 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
 
 
-class StitchInfo(BaseModel):
-    id: str
-    split: int | None
-    join: int | None
-    params: int
-    gflops: float
-    bytes: int
-    score: float | None = None
-    deployed: bool = True
-    metrics: dict[str, float] = Field(default_factory=dict)
+class StitchInfo(StitchEntry):
+    """A deployed stitch as serving sees it: the manifest row plus a comparable quality figure."""
+
     quality: float = Field(description="higher is better; the palette's quality metric, or size when unknown")
 
 
@@ -51,9 +44,7 @@ def stitch_infos(manifest: PaletteManifest) -> list[StitchInfo]:
     dep = manifest.deployed()
     qm = manifest.quality_metric
     have = qm is not None and all(qm in s.metrics for s in dep)
-    out = [StitchInfo(id=s.id, split=s.split, join=s.join, params=s.params, gflops=s.gflops, bytes=s.bytes,
-                      score=s.score, deployed=True, metrics=s.metrics,
-                      quality=s.metrics[qm] if have else s.gflops) for s in dep]
+    out = [StitchInfo(**s.model_dump(), quality=s.metrics[qm] if have else s.gflops) for s in dep]
     return sorted(out, key=lambda s: s.gflops)
 
 
