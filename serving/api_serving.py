@@ -1,0 +1,418 @@
+"""Serving logic between the HTTP router (`app.py`) and the palette deployments.
+
+Parses and validates OpenAI-style requests and the budget headers, picks the palette deployment, calls
+it through its Serve handle, and assembles OpenAI-style responses or SSE streams. Every failure is a
+`ServingError` value; only `app.py` turns values into HTTP responses.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .budget import BudgetError, try_parse_budget
+from .config import PaletteDeploymentConfig, ServeConfig
+from .metrics import NO_STITCH, ResponseStats, StatLogger
+from .protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    ClassifyInput,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    GenerateInput,
+    ModelCard,
+    ModelList,
+    StitchCard,
+    StitchList,
+    StitchStatus,
+    UsageInfo,
+    random_id,
+)
+
+log = logging.getLogger("ray.serve")
+
+BUDGET_HEADER = "x-compute-budget"
+POLICY_HEADER = "x-budget-policy"
+TIMEOUT_HEADER = "x-request-timeout-seconds"
+POLICIES = {"strict": True, "best-effort": False, "best_effort": False}
+
+
+@dataclass
+class ServingError:
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    model: str = ""  # for metrics
+    stitch: str = NO_STITCH
+
+    def body(self) -> dict[str, Any]:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.status)).model_dump()
+
+    @classmethod
+    def from_value(cls, v: dict[str, Any], model: str = "") -> "ServingError":
+        return cls(v["status"], v["message"], v.get("error_type", "invalid_request_error"), v.get("param"),
+                   dict(v.get("headers") or {}), model=model)
+
+
+@dataclass
+class Served:
+    """A successful answer: headers plus either a body model or an SSE stream."""
+
+    headers: dict[str, str]
+    body: BaseModel | None = None
+    stream: AsyncIterator[str] | None = None
+
+
+@dataclass
+class PaletteRef:
+    config: PaletteDeploymentConfig
+    handle: Any  # ray.serve.handle.DeploymentHandle
+
+    @property
+    def name(self) -> str:
+        return self.config.name  # type: ignore[return-value]
+
+
+def stitch_headers(card: StitchCard) -> dict[str, str]:
+    # (Serve's proxy sets X-Request-Id itself; the body's `id` is ours.)
+    return {"X-Stitch-Id": card.id, "X-Stitch-Params": str(card.params), "X-Stitch-GFLOPs": f"{card.gflops:.6g}",
+            "X-Stitch-Latency-Ms": f"{card.latency_ms:.3f}", "X-Budget-Met": "true" if card.budget_met else "false"}
+
+
+def sse(obj: BaseModel | dict[str, Any]) -> str:
+    data = obj.model_dump_json(exclude_none=True) if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    errs = e.errors()
+    parts = []
+    for err in errs:
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or len(err["loc"]) > 1)
+        parts.append(f"{loc or 'body'}: {err['msg'].removeprefix('Value error, ')}")
+    param = ".".join(str(p) for p in errs[0]["loc"]) if errs and errs[0]["loc"] else None
+    return "invalid request: " + "; ".join(parts), param
+
+
+class OpenAIServing:
+    def __init__(self, config: ServeConfig, palettes: dict[str, PaletteRef], metrics: StatLogger) -> None:
+        self.cfg = config
+        self.palettes = palettes
+        self.metrics = metrics
+
+    # ---- request parsing ----------------------------------------------------------------------------
+    @staticmethod
+    def parse_body(raw: bytes, model_cls: type[BaseModel]) -> BaseModel | ServingError:
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return ServingError(400, f"malformed JSON body: {e}")
+        if not isinstance(data, dict):
+            return ServingError(400, "the JSON body must be an object")
+        try:
+            return model_cls.model_validate(data)
+        except ValidationError as e:
+            msg, param = _validation_message(e)
+            return ServingError(400, msg, param=param)
+
+    @staticmethod
+    def parse_budget_headers(headers: Mapping[str, str], body_budget: str | None) -> tuple[str | None, bool] | ServingError:
+        text = headers.get(BUDGET_HEADER)
+        if text is None:
+            text = body_budget
+        if text is not None and text.strip():
+            parsed = try_parse_budget(text)
+            if isinstance(parsed, BudgetError):
+                return ServingError(400, str(parsed), type="invalid_budget", param="X-Compute-Budget")
+        else:
+            text = None
+        policy = headers.get(POLICY_HEADER, "best-effort").strip().lower()
+        if policy not in POLICIES:
+            return ServingError(400, f"X-Budget-Policy must be 'strict' or 'best-effort', got {policy!r}",
+                                param="X-Budget-Policy")
+        return text, POLICIES[policy]
+
+    def timeout_s(self, headers: Mapping[str, str]) -> float | ServingError:
+        t = self.cfg.request_timeout_s
+        raw = headers.get(TIMEOUT_HEADER)
+        if raw is not None:
+            try:
+                asked = float(raw)
+            except ValueError:
+                asked = math.nan
+            if not math.isfinite(asked) or asked <= 0:
+                return ServingError(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}",
+                                    param=TIMEOUT_HEADER)
+            t = min(t, asked)
+        return t
+
+    def palette(self, model: str | None, task: str) -> PaletteRef | ServingError:
+        if model is None:
+            of_task = [p for p in self.palettes.values() if p.config.task == task]
+            if len(of_task) == 1:
+                return of_task[0]
+            return ServingError(400, f"'model' is required: serving {sorted(self.palettes)}", param="model")
+        ref = self.palettes.get(model)
+        if ref is None:
+            return ServingError(404, f"the model {model!r} does not exist; serving {sorted(self.palettes)}",
+                                type="model_not_found", param="model")
+        if ref.config.task != task:
+            other = "/v1/classify" if ref.config.task == "classify" else "/v1/chat/completions or /v1/completions"
+            return ServingError(400, f"model {model!r} is a {ref.config.task} model; use {other}", param="model",
+                                model=model)
+        return ref
+
+    def record(self, model: str, stitch: str, status: int | str, budget_met: bool | None = None) -> None:
+        try:
+            self.metrics.record_response(ResponseStats(model or "none", stitch, status, budget_met))
+        except Exception:  # metrics must never fail a request
+            log.exception("recording response metrics failed")
+
+    def fail(self, err: ServingError) -> ServingError:
+        self.record(err.model, err.stitch, err.status)
+        return err
+
+    # ---- generation ---------------------------------------------------------------------------------
+    async def generate(self, raw: bytes, headers: Mapping[str, str], *, chat: bool) -> Served | ServingError:
+        req = self.parse_body(raw, ChatCompletionRequest if chat else CompletionRequest)
+        if isinstance(req, ServingError):
+            return self.fail(req)
+        ref = self.palette(req.model, "chat")
+        if isinstance(ref, ServingError):
+            return self.fail(ref)
+        budget = self.parse_budget_headers(headers, req.compute_budget)
+        if isinstance(budget, ServingError):
+            budget.model = ref.name
+            return self.fail(budget)
+        timeout = self.timeout_s(headers)
+        if isinstance(timeout, ServingError):
+            timeout.model = ref.name
+            return self.fail(timeout)
+        deadline = time.monotonic() + timeout
+        rid = random_id("chatcmpl" if chat else "cmpl")
+        inp = GenerateInput(
+            request_id=rid,
+            messages=[{"role": m.role, "content": m.text()} for m in req.messages] if chat else None,
+            prompt=None if chat else req.prompt,
+            max_tokens=req.requested_max_tokens(),
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed, stop=req.stop or [], budget=budget[0], strict=budget[1])
+        gen = ref.handle.options(stream=True).generate.remote(inp.model_dump(mode="json"))
+        first = await self._first(gen, deadline, ref.name)
+        if isinstance(first, ServingError):
+            return self.fail(first)
+        if first["type"] == "error":
+            return self.fail(ServingError.from_value(first, ref.name))
+        card = StitchCard.model_validate(first["stitch"])
+        hdrs = stitch_headers(card)
+        prompt_tokens = first["prompt_tokens"]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return Served(hdrs, stream=self._stream(gen, card, ref.name, rid, chat, prompt_tokens, include_usage,
+                                                    deadline))
+        text: list[str] = []
+        final: dict[str, Any] | None = None
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                async for item in gen:
+                    if item["type"] == "delta":
+                        text.append(item["text"])
+                    elif item["type"] == "final":
+                        final = item
+        except TimeoutError:
+            gen.cancel()
+            return self.fail(ServingError(504, f"request timed out after {timeout:g}s", type="timeout",
+                                          model=ref.name, stitch=card.id))
+        except asyncio.CancelledError:
+            gen.cancel()
+            self.record(ref.name, card.id, 499, card.budget_met)
+            raise
+        except Exception as e:
+            log.exception("generation failed")
+            return self.fail(ServingError(500, f"generation failed: {e}", type="internal_error", model=ref.name,
+                                          stitch=card.id))
+        assert final is not None
+        usage = UsageInfo(**final["usage"])
+        if chat:
+            body: BaseModel = ChatCompletionResponse(
+                id=rid, model=ref.name, usage=usage, stitch=card,
+                choices=[ChatCompletionChoice(message=ChatResponseMessage(content="".join(text)),
+                                              finish_reason=final["finish_reason"])])
+        else:
+            body = CompletionResponse(id=rid, model=ref.name, usage=usage, stitch=card,
+                                      choices=[CompletionChoice(text="".join(text),
+                                                                finish_reason=final["finish_reason"])])
+        self.record(ref.name, card.id, 200, card.budget_met)
+        return Served(hdrs, body=body)
+
+    async def _first(self, gen: Any, deadline: float, model: str) -> dict[str, Any] | ServingError:
+        """The replica's first item (route or error value), mapping Serve's own failures to values."""
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                return await gen.__anext__()
+        except BackPressureError:
+            return ServingError(503, "the queue is full; retry later", type="queue_full",
+                                headers={"Retry-After": "1"}, model=model)
+        except DeploymentUnavailableError as e:
+            return ServingError(503, f"model {model!r} is unavailable: {e}", type="unavailable",
+                                headers={"Retry-After": "5"}, model=model)
+        except TimeoutError:
+            gen.cancel()
+            return ServingError(504, "request timed out before generation started", type="timeout", model=model)
+        except asyncio.CancelledError:
+            gen.cancel()
+            self.record(model, NO_STITCH, 499)
+            raise
+        except StopAsyncIteration:
+            return ServingError(500, "the model replica returned nothing", type="internal_error", model=model)
+
+    async def _stream(self, gen: Any, card: StitchCard, model: str, rid: str, chat: bool, prompt_tokens: int,
+                      include_usage: bool, deadline: float) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(text: str | None, finish: str | None = None, *, role: bool = False,
+                  stitch: StitchCard | None = None, usage: UsageInfo | None = None, empty: bool = False) -> str:
+            if chat:
+                choices = [] if empty else [ChatCompletionStreamChoice(
+                    delta=DeltaMessage(role="assistant" if role else None, content=text), finish_reason=finish)]
+                return sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=choices,
+                                                        usage=usage, stitch=stitch))
+            choices_c = [] if empty else [CompletionChoice(text=text or "", finish_reason=finish)]
+            return sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=choices_c,
+                                                usage=usage, stitch=stitch))
+
+        status: int | str = 200
+        finished = False
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                if chat:
+                    yield chunk("", role=True, stitch=card)
+                first_delta = not chat
+                async for item in gen:
+                    if item["type"] == "delta":
+                        yield chunk(item["text"], stitch=card if first_delta else None)
+                        first_delta = False
+                    elif item["type"] == "final":
+                        yield chunk("" if chat else "", item["finish_reason"], stitch=card)
+                        if include_usage:
+                            yield chunk(None, usage=UsageInfo(**item["usage"]), empty=True)
+                finished = True
+            yield "data: [DONE]\n\n"
+        except TimeoutError:
+            status = 504
+            yield sse(ErrorResponse(error=ErrorInfo(message="request timed out", type="timeout", code=504)))
+        except asyncio.CancelledError:  # the client went away: stop the generation, free its slot
+            status = 499
+            raise
+        except Exception as e:
+            log.exception("streaming generation failed")
+            status = 500
+            yield sse(ErrorResponse(error=ErrorInfo(message=f"generation failed: {e}", type="internal_error",
+                                                    code=500)))
+        finally:
+            if not finished:
+                gen.cancel()
+            self.record(model, card.id, status, card.budget_met)
+
+    # ---- classification -----------------------------------------------------------------------------
+    async def classify(self, raw: bytes, headers: Mapping[str, str]) -> Served | ServingError:
+        req = self.parse_body(raw, ClassifyRequest)
+        if isinstance(req, ServingError):
+            return self.fail(req)
+        ref = self.palette(req.model, "classify")
+        if isinstance(ref, ServingError):
+            return self.fail(ref)
+        budget = self.parse_budget_headers(headers, req.compute_budget)
+        if isinstance(budget, ServingError):
+            budget.model = ref.name
+            return self.fail(budget)
+        timeout = self.timeout_s(headers)
+        if isinstance(timeout, ServingError):
+            timeout.model = ref.name
+            return self.fail(timeout)
+        from ray.serve.exceptions import BackPressureError
+
+        rid = random_id("cls")
+        inp = ClassifyInput(request_id=rid, texts=req.input, budget=budget[0], strict=budget[1])
+        resp = ref.handle.classify.remote(inp.model_dump(mode="json"))
+        try:
+            out = await asyncio.wait_for(resp, timeout)
+        except BackPressureError:
+            return self.fail(ServingError(503, "the queue is full; retry later", type="queue_full",
+                                          headers={"Retry-After": "1"}, model=ref.name))
+        except TimeoutError:
+            resp.cancel()
+            return self.fail(ServingError(504, f"request timed out after {timeout:g}s", type="timeout",
+                                          model=ref.name))
+        except asyncio.CancelledError:
+            resp.cancel()
+            self.record(ref.name, NO_STITCH, 499)
+            raise
+        if out["type"] == "error":
+            return self.fail(ServingError.from_value(out, ref.name))
+        card = StitchCard.model_validate(out["stitch"])
+        body = ClassifyResponse(id=rid, model=ref.name, stitch=card,
+                                data=[ClassifyResult(**r) for r in out["results"]],
+                                usage=UsageInfo(prompt_tokens=out["prompt_tokens"],
+                                                total_tokens=out["prompt_tokens"]))
+        self.record(ref.name, card.id, 200, card.budget_met)
+        return Served(stitch_headers(card), body=body)
+
+    # ---- introspection ------------------------------------------------------------------------------
+    async def models(self) -> ModelList | ServingError:
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*(p.handle.info.remote() for p in self.palettes.values())),
+                                           timeout=30)
+        except TimeoutError:
+            return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
+        return ModelList(data=[ModelCard(id=name, task=i["task"], labels=i["labels"], max_context=i["max_context"],
+                                         stitches=i["stitches"]) for name, i in zip(self.palettes, infos)])
+
+    async def stitches(self, model: str | None) -> StitchList | ServingError:
+        refs = list(self.palettes.values())
+        if model is not None:
+            if model not in self.palettes:
+                return ServingError(404, f"the model {model!r} does not exist; serving {sorted(self.palettes)}",
+                                    type="model_not_found", param="model")
+            refs = [self.palettes[model]]
+        try:
+            lists = await asyncio.wait_for(asyncio.gather(*(p.handle.stitches.remote() for p in refs)), timeout=30)
+        except TimeoutError:
+            return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
+        return StitchList(data=[StitchStatus.model_validate(s) for lst in lists for s in lst])
+
+    async def ready(self, timeout_s: float = 5.0) -> tuple[bool, dict[str, Any]]:
+        async def one(p: PaletteRef) -> dict[str, Any]:
+            try:
+                return await asyncio.wait_for(p.handle.ready.remote(), timeout_s)
+            except Exception as e:
+                return {"model": p.name, "ready": False, "error": f"{type(e).__name__}: {e}"}
+
+        states = await asyncio.gather(*(one(p) for p in self.palettes.values()))
+        ok = all(s.get("ready") for s in states)
+        return ok, {"status": "ready" if ok else "not ready", "models": states}

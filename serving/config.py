@@ -1,0 +1,262 @@
+"""Serving configuration: pydantic models, loadable from YAML, validated with one clear line per problem.
+
+`ServeConfig` is the whole application (ingress + one deployment per palette); it is also the `args`
+block of a Ray Serve config file (`deploy/*.yaml`), so `serve run` / `serve deploy` and
+`stitchserve serve` validate the same way. Nested Ray options (`autoscaling_config`,
+`ray_actor_options`) are checked against Serve's own schema, and keys Serve would silently ignore
+(e.g. `target_num_ongoing_requests_per_replica`, DESIGN pitfall) are rejected.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from .budget import BudgetError, try_parse_budget
+from .router import PercentBasis
+
+API_KEY_ENV = "STITCHSERVE_API_KEY"
+
+
+class ServeConfigError(ValueError):
+    """A serving configuration is missing, unreadable or invalid. The message lists every problem."""
+
+
+def _format_validation_error(e: ValidationError, where: str) -> str:
+    lines = [f"invalid serving configuration ({where}):"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _check_keys(d: dict[str, Any], allowed: set[str], what: str, hints: dict[str, str] | None = None) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        hint = "".join(f" ('{k}': use '{hints[k]}')" for k in unknown if hints and k in hints)
+        raise ValueError(f"unknown {what} key(s) {unknown}{hint}; allowed: {sorted(allowed)}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve deployment options for one deployment (passed to `Deployment.options`)."""
+
+    num_replicas: int | None = Field(1, ge=1, description="fixed replica count; ignored with autoscaling_config")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Ray Serve AutoscalingConfig: min_replicas, max_replicas, target_ongoing_requests, ...")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="per replica; default max_batch_size x max_concurrent_batches x stitches "
+                                "(>= one full batch per stitch, so batches fill)")
+    max_queued_requests: int = Field(64, ge=-1, description="handle-side queue; beyond it 503 (-1: unbounded)")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    graceful_shutdown_wait_loop_s: float = Field(1.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, gt=0)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        from ray.serve.config import AutoscalingConfig
+
+        _check_keys(v, set(AutoscalingConfig.model_fields), "autoscaling_config",
+                    {"target_num_ongoing_requests_per_replica": "target_ongoing_requests"})
+        try:
+            AutoscalingConfig(**v)
+        except ValidationError as e:
+            raise ValueError("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+        return v
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _actor_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from ray.serve.schema import RayActorOptionsSchema
+
+        _check_keys(v, set(RayActorOptionsSchema.model_fields), "ray_actor_options",
+                    {"num_cpu": "num_cpus", "num_gpu": "num_gpus"})
+        try:
+            RayActorOptionsSchema(**v)
+        except ValidationError as e:
+            raise ValueError("; ".join(err["msg"] for err in e.errors())) from None
+        return v
+
+    def to_options(self, *, default_max_ongoing: int) -> dict[str, Any]:
+        opts: dict[str, Any] = dict(
+            max_ongoing_requests=self.max_ongoing_requests or default_max_ongoing,
+            max_queued_requests=self.max_queued_requests,
+            ray_actor_options=dict(self.ray_actor_options),
+            graceful_shutdown_wait_loop_s=self.graceful_shutdown_wait_loop_s,
+            graceful_shutdown_timeout_s=self.graceful_shutdown_timeout_s,
+            health_check_period_s=self.health_check_period_s,
+            health_check_timeout_s=self.health_check_timeout_s,
+        )
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = dict(self.autoscaling_config)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class ProfileConfig(_Strict):
+    """Start-up latency profile of every deployed stitch on the replica's own hardware."""
+
+    prompt_len: int = Field(32, ge=1)
+    decode_steps: int = Field(8, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be >= 1")
+        return sorted(set(v))
+
+
+class PaletteDeploymentConfig(_Strict):
+    """One palette, served by its own deployment; each replica holds one anchor pair with it merged."""
+
+    path: Path = Field(description="palette directory (manifest.json + safetensors)")
+    name: str | None = Field(None, description="model id in the API; default: the palette manifest's name")
+    task: Literal["chat", "classify"] | None = Field(None, description="default: from the manifest")
+    device: str = "cpu"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # routing
+    default_budget: str | None = Field(None, description="X-Compute-Budget applied when a request has none")
+    percent_basis: PercentBasis = Field("gflops", description="what a '<n>%' budget is a share of")
+    # batching (one @serve.batch queue per stitch)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_concurrent_batches: int = Field(2, ge=1, description="per stitch; steps interleave on one thread")
+    # limits
+    max_prompt_tokens: int | None = Field(None, ge=1, description="default: the palette's context")
+    default_max_tokens: int = Field(64, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)
+    max_inflight: int = Field(64, ge=1, description="admitted requests per replica; beyond it 503")
+    retry_after_s: int = Field(1, ge=0)
+    # latency model
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    ewma_alpha: float = Field(0.2, gt=0, le=1)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @field_validator("default_budget")
+    @classmethod
+    def _budget(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parsed = try_parse_budget(v)
+        if isinstance(parsed, BudgetError):
+            raise ValueError(str(parsed))
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v.strip() != v):
+            raise ValueError(f"model name {v!r} must be non-empty, without '/' or surrounding spaces")
+        return v
+
+    def resolved(self) -> "PaletteDeploymentConfig":
+        """Fill `name` and `task` from the palette manifest (cheap: JSON only, no weights)."""
+        if self.name is not None and self.task is not None:
+            return self
+        from stitchlib.errors import PaletteError
+        from stitchlib.palette import read_manifest
+
+        try:
+            m = read_manifest(self.path)
+        except PaletteError as e:
+            raise ServeConfigError(f"palette {str(self.path)!r}: {e} (or give both 'name' and 'task')") from None
+        return self.model_copy(update={"name": self.name or m.name, "task": self.task or m.task})
+
+    @property
+    def deployment_name(self) -> str:
+        return f"Palette-{self.name}"
+
+
+def _ingress_defaults() -> DeploymentOptions:
+    return DeploymentOptions(num_replicas=1, max_ongoing_requests=256, max_queued_requests=-1,
+                             ray_actor_options={"num_cpus": 0.1})
+
+
+class ServeConfig(_Strict):
+    """The whole application: one FastAPI ingress routing to one deployment per palette."""
+
+    palettes: list[PaletteDeploymentConfig] = Field(min_length=1)
+    app_name: str = "stitchserve"
+    route_prefix: str = "/"
+    host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy (CLI only)")
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(None, description=f"Bearer key for every route; or env {API_KEY_ENV}")
+    request_timeout_s: float = Field(120.0, gt=0, description="per request; clients may ask for less with "
+                                                               "header x-request-timeout-seconds")
+    max_request_bytes: int = Field(1 << 20, ge=1024)
+    relay_metrics: bool = Field(True, description="serve Ray's exported stitchserve_* metrics on /metrics")
+    ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ServeConfig":
+        names = [p.name for p in self.palettes if p.name is not None]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"palette names must be unique; repeated: {dup}")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        return self
+
+    def effective_api_key(self) -> str | None:
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
+        return os.environ.get(API_KEY_ENV) or None
+
+    def resolved(self) -> "ServeConfig":
+        pals = [p.resolved() for p in self.palettes]
+        names = [p.name for p in pals]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ServeConfigError(f"palette names must be unique; repeated: {dup} (set 'name' per palette)")
+        return self.model_copy(update={"palettes": pals})
+
+    # ---- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def validate_dict(cls, data: Any, where: str = "config") -> "ServeConfig":
+        if isinstance(data, ServeConfig):
+            return data
+        if not isinstance(data, dict):
+            raise ServeConfigError(f"invalid serving configuration ({where}): expected a mapping, "
+                                   f"got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ServeConfigError(_format_validation_error(e, where)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, app: str | None = None) -> "ServeConfig":
+        """Read a stitchserve YAML, or the `args` of one application in a Ray Serve config file.
+        Relative palette paths are taken relative to the YAML file's directory."""
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise ServeConfigError(f"config file {str(p)!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ServeConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if isinstance(data, dict) and "applications" in data:  # a Ray Serve config file
+            apps = data.get("applications") or []
+            chosen = [a for a in apps if app is None or a.get("name") == app]
+            if not chosen:
+                raise ServeConfigError(f"{str(p)!r}: no application {app!r} in 'applications'")
+            data = chosen[0].get("args") or {}
+        cfg = cls.validate_dict(data, where=str(p))
+        base = p.resolve().parent
+        pals = [pc if pc.path.is_absolute() or (Path.cwd() / pc.path).exists()
+                else pc.model_copy(update={"path": base / pc.path}) for pc in cfg.palettes]
+        return cfg.model_copy(update={"palettes": pals})

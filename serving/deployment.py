@@ -1,0 +1,402 @@
+"""The palette deployment: one replica = one anchor pair with one palette merged.
+
+At start-up it loads the runtime, profiles every deployed stitch on this replica's hardware and builds
+a `LatencyTracker`; per request it tokenizes, checks limits, routes by budget (`router.select_stitch`
+over the tracker's load-aware estimates), then joins that stitch's `@serve.batch` queue. Each stitch
+has its own batch queue, so only requests routed to the same stitch are batched together.
+
+Everything the replica answers is a plain dict: either an error value `{"type": "error", ...}` (the
+ingress maps it to an HTTP status) or route / delta / final items. `build_app` in `app.py` turns this
+plain class into a Serve deployment.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from .budget import Budget, BudgetError, try_parse_budget
+from .config import PaletteDeploymentConfig
+from .engine import EngineClient, GenerationRow, RuntimeEngine
+from .latency import LatencyTracker
+from .metrics import RayServeStatLogger, RequestStats, SchedulerStats, StatLogger, StitchLatencyStats
+from .protocol import ClassifyInput, GenerateInput, StitchCard, StitchStatus
+from .router import NoStitchFits, RouteDecision, StitchCandidate, select_stitch
+
+log = logging.getLogger("ray.serve")
+
+
+def error_value(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """The error-as-value every layer below the HTTP router returns."""
+    return {"type": "error", "status": status, "message": message, "error_type": type, "param": param,
+            "headers": headers or {}}
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text deltas out; stop strings cut the text and end the row.
+
+    Holds back the last `len(longest stop) - 1` characters until they cannot start a stop string,
+    and never emits a trailing U+FFFD (a multi-byte character split across tokens)."""
+
+    def __init__(self, decode, stops: list[str]) -> None:
+        self._decode = decode
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self._decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        self.text = text
+        if self.stops:
+            start = max(0, self.emitted - self.hold)
+            hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = text[:min(hits)]
+                self.stopped = True
+                return self._emit(len(self.text))
+        return self._emit(len(text) - self.hold)
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        delta = self.text[self.emitted:upto]
+        self.emitted = upto
+        return delta
+
+
+@dataclass
+class _Row:
+    """One generation request inside this replica."""
+
+    request_id: str
+    stitch: str
+    prompt_ids: list[int]
+    params: Any
+    admitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # first engine step
+    state: str = "waiting"  # waiting -> running -> finished
+
+
+@dataclass
+class _ClsRow:
+    request_id: str
+    stitch: str
+    text: str
+    tokens: int
+
+
+class PaletteServer:
+    """Plain class; `app.build_app` wraps it with `serve.deployment(...).options(name=...)`."""
+
+    async def __init__(self, config: dict[str, Any], stat_logger: StatLogger | None = None) -> None:
+        self.cfg = PaletteDeploymentConfig.model_validate(config)
+        t0 = time.perf_counter()
+        self.engine: EngineClient = RuntimeEngine.load(str(self.cfg.path), device=self.cfg.device,
+                                                       dtype=self.cfg.dtype)
+        self.model = self.cfg.name or self.engine.name
+        self.task = self.engine.task
+        self.stitch_info = {s.id: s for s in self.engine.stitches}
+        prof = self.cfg.profile
+        profiles = await self.engine.profile(prompt_len=prof.prompt_len, decode_steps=prof.decode_steps,
+                                             batch_sizes=tuple(prof.batch_sizes))
+        self.profiles = profiles
+        self.tracker = LatencyTracker(
+            {sid: (p.prefill_s_per_token, p.decode_step_s) for sid, p in profiles.items()},
+            max_batch_size=self.cfg.max_batch_size, max_concurrent_batches=self.cfg.max_concurrent_batches,
+            alpha=self.cfg.ewma_alpha, default_output_tokens=self.cfg.default_max_tokens)
+        self.metrics = stat_logger or RayServeStatLogger()
+        self.default_budget = try_parse_budget(self.cfg.default_budget) if self.cfg.default_budget else Budget()
+        batch = dict(max_batch_size=self.cfg.max_batch_size, batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+                     max_concurrent_batches=self.cfg.max_concurrent_batches)
+        self._gen_batchers = {sid: serve.batch(**batch)(self._make_gen_batch(sid)) for sid in self.stitch_info}
+        self._cls_batchers = {sid: serve.batch(**batch)(self._make_cls_batch(sid)) for sid in self.stitch_info}
+        self._live: dict[str, _Row | _ClsRow] = {}
+        self._draining = False
+        try:
+            self.replica = serve.get_replica_context().replica_tag
+        except Exception:  # outside Serve (never in production)
+            self.replica = None
+        for sid in self.stitch_info:
+            self._record_latency(sid)
+        self._record_scheduler()
+        log.info("palette %s (%s): %d stitches profiled in %.1fs", self.model, self.task, len(profiles),
+                 time.perf_counter() - t0)
+
+    # ---- metrics helpers -------------------------------------------------------------------------
+    def _record_latency(self, sid: str) -> None:
+        p = self.profiles[sid]
+        b1 = p.decode_step_s[min(p.decode_step_s)]
+        est = self.tracker.estimate(sid, prompt_tokens=1, task=self.task)
+        self.metrics.record_latency(StitchLatencyStats(self.model, sid, p.prefill_s_per_token, b1, est.token_s))
+
+    def _record_scheduler(self) -> None:
+        running = {sid: 0 for sid in self.stitch_info}
+        waiting = {sid: 0 for sid in self.stitch_info}
+        for r in self._live.values():
+            if isinstance(r, _Row) and r.state == "running":
+                running[r.stitch] += 1
+            else:
+                waiting[r.stitch] += 1
+        self.metrics.record_scheduler(SchedulerStats(self.model, running, waiting))
+
+    # ---- routing ----------------------------------------------------------------------------------
+    def _budget(self, text: str | None) -> Budget | BudgetError:
+        if text is None or not text.strip():
+            return self.default_budget
+        return try_parse_budget(text)
+
+    def _candidates(self, *, prompt_tokens: int, max_tokens: int, rows: int) -> list[StitchCandidate]:
+        out = []
+        for s in self.engine.stitches:
+            est = self.tracker.estimate(s.id, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                                        task=self.task, batch_rows=rows)
+            out.append(StitchCandidate(s.id, s.params, s.gflops, s.quality, est.token_s, est.request_s))
+        return out
+
+    def _route(self, budget_text: str | None, strict: bool, *, prompt_tokens: int, max_tokens: int,
+               rows: int = 1) -> tuple[RouteDecision, Budget] | dict[str, Any]:
+        budget = self._budget(budget_text)
+        if isinstance(budget, BudgetError):
+            return error_value(400, str(budget), param="X-Compute-Budget")
+        cands = self._candidates(prompt_tokens=prompt_tokens, max_tokens=max_tokens, rows=rows)
+        decision = select_stitch(cands, budget, strict=strict, percent_basis=self.cfg.percent_basis)
+        if isinstance(decision, NoStitchFits):
+            return error_value(422, decision.message, type="budget_not_met", param="X-Compute-Budget")
+        return decision, budget
+
+    def _card(self, d: RouteDecision, budget: Budget) -> StitchCard:
+        s = self.stitch_info[d.stitch_id]
+        return StitchCard(id=s.id, split=s.split, join=s.join, params=s.params, gflops=s.gflops, quality=s.quality,
+                          latency_ms=d.stitch.token_latency_s * 1e3,
+                          request_latency_ms=d.stitch.request_latency_s * 1e3,
+                          budget=budget.to_header() or None, budget_met=d.budget_met, violated=list(d.violated),
+                          replica=self.replica)
+
+    def _admit(self) -> dict[str, Any] | None:
+        if self._draining:
+            return error_value(503, "replica is shutting down", type="unavailable",
+                               headers={"Retry-After": str(self.cfg.retry_after_s)})
+        if len(self._live) >= self.cfg.max_inflight:
+            return error_value(503, f"queue full ({self.cfg.max_inflight} requests in flight on this replica)",
+                               type="queue_full", headers={"Retry-After": str(self.cfg.retry_after_s)})
+        return None
+
+    @property
+    def prompt_limit(self) -> int:
+        return min(self.cfg.max_prompt_tokens or self.engine.max_context, self.engine.max_context - 1)
+
+    # ---- generation -------------------------------------------------------------------------------
+    def _make_gen_batch(self, sid: str):
+        async def gen_batch(rows: list[_Row]) -> AsyncIterator[list[Any]]:
+            now = time.perf_counter()
+            for r in rows:
+                r.state, r.started = "running", now
+            self._record_scheduler()
+            gen_rows = [GenerationRow(r.request_id, r.prompt_ids, r.params) for r in rows]
+            ended = [False] * len(rows)
+            async for step in self.engine.generate(gen_rows, sid):
+                if step.index == 0:
+                    self.tracker.observe_prefill(sid, step.prompt_tokens, step.seconds)
+                else:
+                    self.tracker.observe_decode(sid, step.batch_size, step.seconds)
+                out: list[Any] = []
+                for i, tok in enumerate(step.tokens):
+                    if ended[i] or tok is None:
+                        ended[i] = True
+                        rows[i].state = "finished"
+                        out.append(StopIteration)
+                    else:
+                        out.append(tok)
+                yield out
+            for r in rows:
+                r.state = "finished"
+
+        gen_batch.__name__ = f"generate_{sid}"
+        return gen_batch
+
+    async def generate(self, inp: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream: one `route` item (or one error value), then `delta` items, then one `final` item."""
+        req = GenerateInput.model_validate(inp)
+        t_arrival = time.perf_counter()
+        try:
+            text = self.engine.render_chat(req.messages) if req.messages is not None else req.prompt
+            ids = self.engine.encode(text or "")
+        except Exception as e:  # a template the messages do not fit
+            yield error_value(400, f"cannot build the prompt: {e}", param="messages")
+            return
+        if not ids:
+            yield error_value(400, "the prompt is empty", param="prompt")
+            return
+        if len(ids) > self.prompt_limit:
+            yield error_value(400, f"the prompt has {len(ids)} tokens, over this model's limit of "
+                                   f"{self.prompt_limit}", type="context_length_exceeded", param="messages")
+            return
+        room = self.engine.max_context - len(ids)
+        if req.max_tokens is not None:
+            if req.max_tokens > self.cfg.max_tokens_limit:
+                yield error_value(400, f"max_tokens {req.max_tokens} is over the limit of "
+                                       f"{self.cfg.max_tokens_limit}", param="max_tokens")
+                return
+            if req.max_tokens > room:
+                yield error_value(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                                       f"context of {self.engine.max_context}",
+                                  type="context_length_exceeded", param="max_tokens")
+                return
+            max_tokens = req.max_tokens
+        else:
+            max_tokens = min(self.cfg.default_max_tokens, room)
+        if (err := self._admit()) is not None:
+            yield err
+            return
+        routed = self._route(req.budget, req.strict, prompt_tokens=len(ids), max_tokens=max_tokens)
+        if isinstance(routed, dict):
+            yield routed
+            return
+        decision, budget = routed
+        sid = decision.stitch_id
+        card = self._card(decision, budget)
+        yield {"type": "route", "stitch": card.model_dump(mode="json"), "prompt_tokens": len(ids)}
+
+        from stitchlib.runtime import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                seed=req.seed)
+        row = _Row(req.request_id, sid, ids, params)
+        self._live[row.request_id] = row
+        self.tracker.begin(sid)
+        self._record_scheduler()
+        detok = IncrementalDetokenizer(self.engine.decode, req.stop)
+        n_out, last_tok, t_first, t_prev = 0, None, None, None
+        itl: list[float] = []
+        finish = None
+        try:
+            async for tok in self._gen_batchers[sid](row):
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                else:
+                    itl.append(now - t_prev)
+                t_prev = now
+                n_out += 1
+                last_tok = tok
+                delta = detok.push(tok)
+                if delta:
+                    yield {"type": "delta", "text": delta}
+                if detok.stopped:
+                    finish = "stop"
+                    break
+            if finish is None:
+                stopped_early = last_tok in self.engine.eos_ids or n_out < max_tokens
+                finish = "stop" if stopped_early else "length"
+            tail = detok.flush()
+            if tail:
+                yield {"type": "delta", "text": tail}
+            yield {"type": "final", "finish_reason": finish,
+                   "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out,
+                             "total_tokens": len(ids) + n_out}}
+        finally:
+            if row.state != "finished":  # stop string, disconnect or timeout: free the batch slot
+                self.engine.abort(row.request_id)
+            self._live.pop(row.request_id, None)
+            self.tracker.end(sid, n_out)
+            self._record_scheduler()
+            self._record_latency(sid)
+            self.metrics.record_request(RequestStats(
+                self.model, sid, len(ids), n_out, time.perf_counter() - t_arrival,
+                queue_s=(row.started - row.admitted) if row.started else None,
+                ttft_s=(t_first - t_arrival) if t_first else None, itl_s=itl))
+
+    # ---- classification ---------------------------------------------------------------------------
+    def _make_cls_batch(self, sid: str):
+        async def cls_batch(rows: list[_ClsRow]) -> list[dict[str, float]]:
+            probs, secs = await self.engine.classify([r.text for r in rows], sid)
+            self.tracker.observe_prefill(sid, max(r.tokens for r in rows) * len(rows), secs)
+            return probs
+
+        cls_batch.__name__ = f"classify_{sid}"
+        return cls_batch
+
+    async def classify(self, inp: dict[str, Any]) -> dict[str, Any]:
+        req = ClassifyInput.model_validate(inp)
+        t_arrival = time.perf_counter()
+        if self.task != "classify":
+            return error_value(400, f"model {self.model!r} is a {self.task} model; use /v1/chat/completions",
+                               param="model")
+        lens = [len(self.engine.encode(t)) for t in req.texts]
+        too_long = [i for i, n in enumerate(lens) if n > self.prompt_limit]
+        if too_long:
+            return error_value(400, f"input {too_long[0]} has {lens[too_long[0]]} tokens, over this model's limit "
+                                    f"of {self.prompt_limit}", type="context_length_exceeded", param="input")
+        if (err := self._admit()) is not None:
+            return err
+        routed = self._route(req.budget, req.strict, prompt_tokens=max(lens), max_tokens=1, rows=len(req.texts))
+        if isinstance(routed, dict):
+            return routed
+        decision, budget = routed
+        sid = decision.stitch_id
+        rows = [_ClsRow(f"{req.request_id}-{i}", sid, t, n) for i, (t, n) in enumerate(zip(req.texts, lens))]
+        for r in rows:
+            self._live[r.request_id] = r
+            self.tracker.begin(sid)
+        self._record_scheduler()
+        try:
+            probs = await asyncio.gather(*(self._cls_batchers[sid](r) for r in rows))
+        finally:
+            for r in rows:
+                self._live.pop(r.request_id, None)
+                self.tracker.end(sid)
+            self._record_scheduler()
+            self._record_latency(sid)
+        e2e = time.perf_counter() - t_arrival
+        self.metrics.record_request(RequestStats(self.model, sid, sum(lens), 0, e2e))
+        results = [{"index": i, "label": max(p, key=p.get), "probs": p} for i, p in enumerate(probs)]
+        return {"type": "classify", "stitch": self._card(decision, budget).model_dump(mode="json"),
+                "results": results, "prompt_tokens": sum(lens)}
+
+    # ---- introspection ----------------------------------------------------------------------------
+    async def info(self) -> dict[str, Any]:
+        return {"model": self.model, "task": self.task, "labels": self.engine.labels,
+                "max_context": self.engine.max_context, "stitches": len(self.stitch_info), "replica": self.replica}
+
+    async def stitches(self) -> list[dict[str, Any]]:
+        out = []
+        for s in self.engine.stitches:
+            p = self.profiles[s.id]
+            est = self.tracker.estimate(s.id, prompt_tokens=1, task=self.task)
+            out.append(StitchStatus(
+                model=self.model, id=s.id, split=s.split, join=s.join, params=s.params, gflops=s.gflops,
+                bytes=s.bytes, quality=s.quality, metrics=s.metrics, prefill_s_per_token=p.prefill_s_per_token,
+                decode_step_s=p.decode_step_s, correction=self.tracker.correction(s.id),
+                latency_ms=est.token_s * 1e3, active_requests=self.tracker.active[s.id],
+                replica=self.replica).model_dump(mode="json"))
+        return out
+
+    async def ready(self) -> dict[str, Any]:
+        return {"model": self.model, "ready": not self._draining, "replica": self.replica,
+                "inflight": len(self._live)}
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: the engine thread must answer."""
+        await self.engine.check_health()
+
+    async def __del__(self) -> None:
+        # Serve has already drained ongoing requests (graceful_shutdown_timeout_s); refuse new ones and
+        # abort whatever is left so batches stop computing, then stop the engine thread.
+        self._draining = True
+        for rid in list(self._live):
+            self.engine.abort(rid)
+        await self.engine.shutdown()

@@ -1,0 +1,116 @@
+"""One real local Ray + Serve application per test process, shared by every serving test module.
+
+Starting Ray takes ~5-10 s and each palette replica profiles its stitches at start-up, so the app is
+started once (a process-wide singleton, so several modules' session fixtures share it) and shut down
+at session end. Palettes are the tiny synthetic pair, least-squares only (a few seconds to build).
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "test-key-123"
+SMALL_PROFILE = {"prompt_len": 8, "decode_steps": 3, "batch_sizes": [1, 4]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    base_url: str
+    api_key: str
+    metrics_port: int
+    palettes: dict[str, Path]
+    config: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+_SERVED: Served | None = None
+
+
+def make_palettes(root: Path) -> dict[str, Path]:
+    from stitchlib.palette import init_palette
+
+    kw = dict(n_calibration=8, max_len=32, progress=False, overwrite=True)
+    return {
+        "tinychat": init_palette(root / "tinychat", task="chat", **kw),
+        "tinycls": init_palette(root / "tinycls", task="classify", labels=["business", "sport", "tech"], **kw),
+    }
+
+
+def serve_config(palettes: dict[str, Path], port: int):
+    from serving.config import ServeConfig
+
+    dep = {"ray_actor_options": {"num_cpus": 0.5}}
+    return ServeConfig(
+        palettes=[
+            {"path": str(palettes["tinychat"]), "profile": SMALL_PROFILE, "deployment": dep,
+             "max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_prompt_tokens": 256, "max_inflight": 6,
+             "max_tokens_limit": 1000},
+            {"path": str(palettes["tinycls"]), "profile": SMALL_PROFILE, "deployment": dep,
+             "default_budget": "500k"},
+        ],
+        port=port, api_key=API_KEY, request_timeout_s=60)
+
+
+def start_serving(root: Path) -> Served:
+    global _SERVED
+    if _SERVED is not None:
+        return _SERVED
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    palettes = make_palettes(root)
+    metrics_port, http_port = free_port(), free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 500},
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    cfg = serve_config(palettes, http_port)
+    t0 = time.time()
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+    _SERVED = Served(f"http://127.0.0.1:{http_port}", API_KEY, metrics_port, palettes, cfg,
+                     {"startup_s": time.time() - t0})
+    return _SERVED
+
+
+def stop_serving() -> None:
+    global _SERVED
+    if _SERVED is None:
+        return
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    _SERVED = None
+
+
+def scrape(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text -> {(sample name, sorted labels): value}, via prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of every sample named `name` whose labels include `labels`."""
+    return sum(v for (n, lab), v in samples.items()
+               if n == name and all(dict(lab).get(k) == want for k, want in labels.items()))

@@ -1,0 +1,426 @@
+"""End to end over real local Ray Serve and real HTTP: OpenAI SDK, httpx, Prometheus text parser.
+
+One application (a chat and a classify palette of the tiny pair) is started once for the session.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from serving.budget import GRAMMAR
+from serving_fixtures import API_KEY, scrape, start_serving, stop_serving, total
+
+pytestmark = pytest.mark.timeout(300)
+
+CHAT = "tinychat"
+CLS = "tinycls"
+HI = [{"role": "user", "content": "Say hi."}]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    s = start_serving(tmp_path_factory.mktemp("serving"))
+    yield s
+    stop_serving()
+
+
+@pytest.fixture(scope="session")
+def http(served):
+    with httpx.Client(base_url=served.base_url, headers=served.auth, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def client(served):
+    return openai.OpenAI(base_url=served.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def stitches(http):
+    """Deployed chat stitches as the server reports them, cheapest first."""
+    data = http.get("/v1/stitches", params={"model": CHAT}).json()["data"]
+    return sorted(data, key=lambda s: s["gflops"])
+
+
+def metrics(http) -> dict:
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return scrape(r.text)
+
+
+def wait_for(pred, timeout=15.0, every=0.25):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    return pred()
+
+
+# ---- basics ----------------------------------------------------------------------------------------
+def test_health_ready_models(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    r = http.get("/ready")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert set(models) == {CHAT, CLS}
+    assert models[CHAT]["task"] == "chat" and models[CLS]["labels"] == ["business", "sport", "tech"]
+
+
+def test_stitches_report_profiled_latency(stitches, http):
+    assert [s["id"] for s in stitches][0] == "small" and stitches[-1]["id"] == "large"
+    for s in stitches:
+        assert s["params"] > 0 and s["gflops"] > 0 and s["quality"] > 0
+        assert s["prefill_s_per_token"] > 0 and s["latency_ms"] > 0 and s["replica"]
+        assert set(s["decode_step_s"]) == {"1", "4"} and all(v > 0 for v in s["decode_step_s"].values())
+    both = http.get("/v1/stitches").json()["data"]
+    assert {s["model"] for s in both} == {CHAT, CLS}
+    assert http.get("/v1/stitches", params={"model": "nope"}).status_code == 404
+
+
+def test_api_key_on_every_route(served):
+    with httpx.Client(base_url=served.base_url, timeout=30) as anon:
+        for method, path in [("GET", "/health"), ("GET", "/ready"), ("GET", "/v1/models"), ("GET", "/v1/stitches"),
+                             ("GET", "/metrics"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+                             ("POST", "/v1/classify")]:
+            r = anon.request(method, path, json={})
+            assert r.status_code == 401, path
+            assert r.json()["error"]["type"] == "authentication_error"
+        assert anon.get("/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert anon.get("/health", headers={"X-API-Key": API_KEY}).status_code == 200
+    bad = openai.OpenAI(base_url=served.base_url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+# ---- OpenAI SDK ------------------------------------------------------------------------------------
+STITCH_HEADERS = ["x-stitch-id", "x-stitch-params", "x-stitch-gflops", "x-stitch-latency-ms", "x-budget-met"]
+
+
+def test_chat_plain_sdk(client, stitches):
+    raw = client.chat.completions.with_raw_response.create(model=CHAT, messages=HI, max_tokens=6, temperature=0)
+    c = raw.parse()
+    for h in STITCH_HEADERS:
+        assert h in raw.headers
+    assert raw.headers["x-stitch-id"] == stitches[-1]["id"]  # no budget: best quality (= largest here)
+    assert raw.headers["x-budget-met"] == "true"
+    assert int(raw.headers["x-stitch-params"]) == stitches[-1]["params"]
+    assert float(raw.headers["x-stitch-latency-ms"]) > 0
+    assert c.object == "chat.completion" and c.model == CHAT
+    assert c.choices[0].message.role == "assistant" and isinstance(c.choices[0].message.content, str)
+    assert c.choices[0].finish_reason in ("stop", "length")
+    assert c.usage.prompt_tokens > 0 and 1 <= c.usage.completion_tokens <= 6
+    assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    stitch = c.model_extra["stitch"]
+    assert stitch["id"] == raw.headers["x-stitch-id"] and stitch["budget_met"] is True
+    assert stitch["latency_ms"] == pytest.approx(float(raw.headers["x-stitch-latency-ms"]), abs=1e-3)
+
+
+def test_chat_streaming_sdk_matches_plain(client):
+    kw = dict(model=CHAT, messages=HI, max_tokens=12, temperature=0, extra_headers={"X-Compute-Budget": "700k"})
+    plain = client.chat.completions.create(**kw)
+    with client.chat.completions.with_streaming_response.create(
+            stream=True, stream_options={"include_usage": True}, **kw) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        sid = resp.headers["x-stitch-id"]
+        chunks = list(resp.parse())
+    assert sid == plain.model_extra["stitch"]["id"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].model_extra["stitch"]["id"] == sid
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == plain.choices[0].message.content  # greedy: same tokens either way
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completions_plain_and_stream_sdk(client):
+    c = client.completions.create(model=CHAT, prompt="The cat", max_tokens=5, temperature=0)
+    assert c.object == "text_completion" and c.usage.completion_tokens <= 5
+    stream = client.completions.create(model=CHAT, prompt="The cat", max_tokens=5, temperature=0, stream=True)
+    text = "".join(ch.choices[0].text for ch in stream if ch.choices)
+    assert text == c.choices[0].text
+
+
+def test_seed_and_sampling_params(client):
+    kw = dict(model=CHAT, messages=HI, max_tokens=16, temperature=1.0, top_p=0.9)
+    a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    outs = {client.chat.completions.create(seed=s, **kw).choices[0].message.content for s in range(8, 12)}
+    assert a == b
+    assert len(outs | {a}) > 1
+
+
+def test_stop_strings_cut_the_text(client):
+    kw = dict(model=CHAT, messages=HI, max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    printable = [i for i in range(4, len(full) - 2) if full[i:i + 2].isprintable() and full[i:i + 2].strip()]
+    if not printable:
+        pytest.skip(f"greedy text has no printable pair to stop on: {full!r}")
+    stop = full[printable[0]:printable[0] + 2]
+    got = client.chat.completions.create(stop=[stop, "never-there"], **kw)
+    assert got.choices[0].message.content == full[:full.find(stop)]
+    assert got.choices[0].finish_reason == "stop"
+    assert got.usage.completion_tokens < 24
+
+
+# ---- budget routing ----------------------------------------------------------------------------------
+def _route(http, budget: str | None, policy: str | None = None, model=CHAT) -> httpx.Response:
+    headers = {}
+    if budget is not None:
+        headers["X-Compute-Budget"] = budget
+    if policy is not None:
+        headers["X-Budget-Policy"] = policy
+    body = {"model": model, "messages": HI, "max_tokens": 2} if model == CHAT else {"input": "the match"}
+    return http.post("/v1/chat/completions" if model == CHAT else "/v1/classify", json=body, headers=headers)
+
+
+def test_budgets_pick_different_stitches(http, stitches):
+    by_params = sorted(stitches, key=lambda s: s["params"])
+    largest = stitches[-1]
+
+    def best_under(pred):
+        ok = [s for s in stitches if pred(s)]
+        return max(ok, key=lambda s: s["quality"])["id"]
+
+    cases = {
+        None: largest["id"],
+        f"{by_params[1]['params'] / 1e3 + 1:.0f}k": best_under(lambda s: s["params"] <= by_params[1]["params"] + 1e3),
+        f"{stitches[2]['gflops'] * 1e3:.6f}MFLOPs": best_under(lambda s: s["gflops"] <= stitches[2]["gflops"] * 1.000001),
+        "50%": best_under(lambda s: s["gflops"] <= 0.5 * largest["gflops"]),
+        "10s/token, 1B": largest["id"],
+    }
+    chosen = {}
+    for budget, want in cases.items():
+        r = _route(http, budget)
+        assert r.status_code == 200, r.text
+        assert (budget, r.headers["x-stitch-id"], r.headers["x-budget-met"]) == (budget, want, "true")
+        assert r.json()["stitch"]["id"] == want
+        chosen[budget] = want
+    assert len(set(chosen.values())) >= 3  # the budgets really separate stitches
+
+
+def test_nothing_fits_cheapest_or_422(http, stitches):
+    r = _route(http, "1k")
+    assert r.status_code == 200
+    assert r.headers["x-stitch-id"] == stitches[0]["id"] and r.headers["x-budget-met"] == "false"
+    assert r.json()["stitch"]["budget_met"] is False and r.json()["stitch"]["violated"]
+    r = _route(http, "0.00001ms")  # a latency no stitch can meet
+    assert r.headers["x-budget-met"] == "false" and r.headers["x-stitch-id"] == stitches[0]["id"]
+    r = _route(http, "1k", policy="strict")
+    assert r.status_code == 422 and r.json()["error"]["type"] == "budget_not_met"
+    assert _route(http, "1B", policy="strict").status_code == 200
+
+
+def test_latency_budget_uses_measured_estimates(http, stitches):
+    # A budget between the cheapest and the priciest current estimate must route below the largest
+    # stitch and report an estimate within the budget.
+    lat = sorted(s["latency_ms"] for s in http.get("/v1/stitches", params={"model": CHAT}).json()["data"])
+    budget_ms = lat[0] * 1.05
+    r = _route(http, f"{budget_ms:.4f}ms")
+    assert r.status_code == 200
+    if r.headers["x-budget-met"] == "true":
+        assert float(r.headers["x-stitch-latency-ms"]) <= budget_ms + 1e-6
+    else:  # load from the previous tests moved every estimate above the budget: cheapest, said so
+        assert r.headers["x-stitch-id"] == stitches[0]["id"]
+
+
+# ---- classify ---------------------------------------------------------------------------------------
+def test_classify(http):
+    r = http.post("/v1/classify", json={"input": "Shares rose sharply today"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == CLS and len(body["data"]) == 1
+    d = body["data"][0]
+    assert d["label"] in ["business", "sport", "tech"] and d["label"] == max(d["probs"], key=d["probs"].get)
+    assert sum(d["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+    for h in STITCH_HEADERS:
+        assert h in r.headers
+    many = http.post("/v1/classify", json={"model": CLS, "input": ["a", "the match ended 2-1", "new chip"]}).json()
+    assert [x["index"] for x in many["data"]] == [0, 1, 2] and many["usage"]["prompt_tokens"] > 0
+
+
+def test_classify_default_budget_and_header(http):
+    cls_stitches = sorted(http.get("/v1/stitches", params={"model": CLS}).json()["data"], key=lambda s: s["params"])
+    under_500k = max((s for s in cls_stitches if s["params"] <= 500_000), key=lambda s: s["quality"])["id"]
+    assert _route(http, None, model=CLS).headers["x-stitch-id"] == under_500k  # configured default "500k"
+    assert _route(http, "2B", model=CLS).headers["x-stitch-id"] == cls_stitches[-1]["id"]
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+def test_clear_4xx(http):
+    def post(path, body, **headers):
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return http.post(path, content=data, headers={"Content-Type": "application/json", **headers})
+
+    chat = {"model": CHAT, "messages": HI, "max_tokens": 2}
+    cases = [
+        (post("/v1/chat/completions", b"{not json"), 400, "malformed JSON"),
+        (post("/v1/chat/completions", b"[1, 2]"), 400, "object"),
+        (post("/v1/chat/completions", {"model": CHAT}), 400, "messages"),
+        (post("/v1/chat/completions", {**chat, "temperature": 5}), 400, "temperature"),
+        (post("/v1/chat/completions", {**chat, "n": 2}), 400, "n=1"),
+        (post("/v1/chat/completions", chat, **{"X-Compute-Budget": "fast please"}), 400, GRAMMAR),
+        (post("/v1/chat/completions", chat, **{"X-Budget-Policy": "maybe"}), 400, "X-Budget-Policy"),
+        (post("/v1/chat/completions", chat, **{"x-request-timeout-seconds": "soon"}), 400, "timeout"),
+        (post("/v1/chat/completions", {**chat, "model": "gpt-9"}), 404, "does not exist"),
+        (post("/v1/chat/completions", {**chat, "model": CLS}), 400, "classify model"),
+        (post("/v1/classify", {"model": CHAT, "input": "x"}), 400, "chat model"),
+        (post("/v1/classify", {"input": []}), 400, "input"),
+        (post("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "x" * 400}]}), 400,
+         "over this model's limit of 256"),
+        (post("/v1/chat/completions", {**chat, "max_tokens": 5000}), 400, "max_tokens"),
+        (post("/v1/completions", {"model": CHAT, "prompt": ["a", "b"]}), 400, "one prompt"),
+    ]
+    for r, status, needle in cases:
+        assert r.status_code == status, (needle, r.text)
+        err = r.json()["error"]
+        assert needle in err["message"], (needle, err)
+        assert err["code"] == status
+    r = post("/v1/chat/completions", {**chat, "model": "gpt-9"})
+    assert r.json()["error"]["type"] == "model_not_found"
+
+
+def _cancelled_and_tokens(http, m0, sid):
+    m = metrics(http)
+    cancelled = total(m, "stitchserve_requests_total", stitch=sid, status="499") - \
+        total(m0, "stitchserve_requests_total", stitch=sid, status="499")
+    toks = total(m, "stitchserve_generation_tokens_total", stitch=sid) - \
+        total(m0, "stitchserve_generation_tokens_total", stitch=sid)
+    return (cancelled, toks) if cancelled >= 1 and toks > 0 else None
+
+
+def test_request_timeout_cancels(http, stitches):
+    # Ray's proxy owns x-request-timeout-seconds (DESIGN pitfall): it answers 408 and cancels the request
+    # down the chain; the ingress applies the same header (and its configured timeout, 504) itself.
+    sid = stitches[3]["id"]
+    m0 = metrics(http)
+    r = http.post("/v1/chat/completions", json={"model": CHAT, "messages": HI, "max_tokens": 900},
+                  headers={"x-request-timeout-seconds": "0.3",
+                           "X-Compute-Budget": f"{stitches[3]['params'] / 1e3 + 1:.0f}k"})
+    assert r.status_code in (408, 504), r.text
+    # the timed-out generation was cancelled: the replica drains back to idle, well short of 900 tokens
+    assert wait_for(lambda: http.get("/ready").json()["models"][0]["inflight"] == 0, timeout=10)
+    res = wait_for(lambda: _cancelled_and_tokens(http, m0, sid), timeout=15)
+    assert res is not None and res[0] == 1 and res[1] < 900, res
+
+
+def test_queue_full_503_with_retry_after(served, http):
+    body = {"model": CHAT, "messages": HI, "max_tokens": 300, "temperature": 0}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=served.base_url, headers=served.auth, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(14)))
+
+    rs = asyncio.run(main())
+    codes = sorted(r.status_code for r in rs)
+    assert 200 in codes and 503 in codes, codes
+    assert set(codes) <= {200, 503}
+    full = [r for r in rs if r.status_code == 503]
+    assert all(r.headers.get("retry-after") for r in full)
+    assert full[0].json()["error"]["type"] == "queue_full"
+    assert sum(c == 200 for c in codes) <= 6 + 1  # max_inflight (+1: one may finish and free a slot)
+
+
+# ---- batching, disconnects, metrics -----------------------------------------------------------------
+def test_same_stitch_requests_are_batched(served, http, stitches):
+    sid = stitches[1]["id"]
+    budget = f"{stitches[1]['params'] / 1e3 + 1:.0f}k"
+
+    def batch_counts():
+        r = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10)
+        fam = scrape(r.text)
+        fn = f"generate_{sid}"
+        n = total(fam, "ray_serve_actual_batch_size_count", function_name=fn)
+        ones = total(fam, "ray_serve_actual_batch_size_bucket", function_name=fn, le="1.0")
+        return n, ones
+
+    before = batch_counts()
+    with cf.ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(lambda _: http.post("/v1/chat/completions", headers={"X-Compute-Budget": budget},
+                                               json={"model": CHAT, "messages": HI, "max_tokens": 40}), range(4)))
+    assert {r.headers["x-stitch-id"] for r in rs} == {sid}
+
+    def batched():
+        n, ones = batch_counts()
+        return n > before[0] and (n - before[0]) > (ones - before[1]) and (n - before[0]) < 4
+    # 4 requests in fewer than 4 batches, at least one batch larger than 1
+    assert wait_for(batched, timeout=15), (before, batch_counts())
+
+
+def test_disconnect_stops_generation(served, http, stitches):
+    sid = stitches[2]["id"]
+    budget = f"{stitches[2]['params'] / 1e3 + 1:.0f}k"
+    m0 = metrics(http)
+    body = {"model": CHAT, "messages": HI, "max_tokens": 950, "stream": True}
+    with httpx.Client(base_url=served.base_url, headers={**served.auth, "X-Compute-Budget": budget},
+                      timeout=60) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.headers["x-stitch-id"] == sid
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+        t_close = time.time()  # leaving the block closes the connection mid-stream
+    assert wait_for(lambda: http.get("/ready").json()["models"][0]["inflight"] == 0, timeout=10)
+    freed_after = time.time() - t_close
+
+    res = wait_for(lambda: _cancelled_and_tokens(http, m0, sid), timeout=15)
+    assert res is not None, "the disconnect was not recorded"
+    cancelled, toks = res
+    print(f"disconnect: slot freed after {freed_after:.2f}s, {toks:.0f} tokens generated of 950")
+    assert cancelled == 1
+    assert toks < 950, f"generation ran on after the disconnect ({toks} tokens)"
+    assert freed_after < 10
+
+
+def test_metrics_show_what_was_sent(http, stitches):
+    sid = stitches[1]["id"]
+    budget = f"{stitches[1]['params'] / 1e3 + 1:.0f}k"
+    m0 = metrics(http)
+    for _ in range(3):
+        assert _route(http, budget).status_code == 200
+    assert _route(http, "1k").headers["x-budget-met"] == "false"  # cheapest, missed
+    assert _route(http, "bogus").status_code == 400
+    want = {
+        ("stitchserve_requests_total", sid, "200"): 3,
+        ("stitchserve_budget_met_total", sid, None): 3,
+        ("stitchserve_budget_missed_total", stitches[0]["id"], None): 1,
+        ("stitchserve_requests_total", "none", "400"): 1,
+        ("stitchserve_time_to_first_token_seconds_count", sid, None): 3,
+        ("stitchserve_e2e_request_latency_seconds_count", sid, None): 3,
+        ("stitchserve_inter_token_latency_seconds_count", sid, None): 3,  # max_tokens=2: one gap each
+        ("stitchserve_generation_tokens_total", sid, None): 6,
+    }
+
+    def deltas():
+        m = metrics(http)
+        out = {}
+        for (name, stitch, status) in want:
+            lab = {"stitch": stitch, **({"status": status} if status else {})}
+            out[(name, stitch, status)] = total(m, name, **lab) - total(m0, name, **lab)
+        return out
+
+    assert wait_for(lambda: deltas() == want, timeout=20), deltas()
+    m = metrics(http)
+    names = {n for n, _ in m}
+    for n in ["stitchserve_prompt_tokens_total", "stitchserve_queue_depth", "stitchserve_num_requests_running",
+              "stitchserve_profiled_prefill_seconds_per_token", "stitchserve_profiled_decode_step_seconds",
+              "stitchserve_estimated_token_latency_seconds", "stitchserve_request_queue_time_seconds_bucket"]:
+        assert n in names, n
+    assert all(n.startswith("stitchserve_") for n in names)
+    assert total(m, "stitchserve_profiled_decode_step_seconds", model=CHAT, stitch=sid) > 0
+    ttft = [v for (n, lab), v in m.items() if n == "stitchserve_time_to_first_token_seconds_bucket"
+            and dict(lab).get("stitch") == sid and dict(lab).get("le") == "+Inf"]
+    assert ttft and sum(ttft) >= 3
+
+
+def test_ray_export_port_has_raw_metrics(served):
+    fam = scrape(httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10).text)
+    assert any(n.startswith("ray_stitchserve_requests_total") for n, _ in fam)
