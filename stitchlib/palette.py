@@ -111,6 +111,7 @@ def save_palette(out_dir: str | Path, manifest: PaletteManifest, tensors: dict[s
         raise PaletteError(f"{out} already exists (pass overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a palette is shared with serving processes
     try:
         files = {}
         for fname, ts in split_tensors(tensors).items():
@@ -121,6 +122,8 @@ def save_palette(out_dir: str | Path, manifest: PaletteManifest, tensors: dict[s
             (tmp / fname).write_bytes(data)
         m = manifest.model_copy(update={"files": files, "format_version": FORMAT_VERSION})
         (tmp / MANIFEST).write_text(m.model_dump_json(indent=2))
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
