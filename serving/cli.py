@@ -120,13 +120,15 @@ def run_serve(args: argparse.Namespace) -> int:
         log.info("signal %d: shutting down gracefully", signum)
         stop.set()
 
-    prev = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    prev: dict = {}
     started_ray = False
     try:
         if not ray.is_initialized():
             init: dict[str, Any] = {"address": args.address} if args.address else {"num_cpus": args.ray_num_cpus}
             ray.init(**init)
             started_ray = True
+        # after ray.init, whose core worker installs its own SIGTERM handler (prints a trace, exits hard)
+        prev = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
         print(f"stitchserve: serving {', '.join(p.name for p in cfg.palettes)} at "

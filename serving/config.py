@@ -34,6 +34,12 @@ def _format_validation_error(e: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
+def _nested_errors(e: ValidationError) -> str:
+    """Errors of a nested Serve schema, each with its field name."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg'].removeprefix('Value error, ')}"
+                     for err in e.errors())
+
+
 def _check_keys(d: dict[str, Any], allowed: set[str], what: str, hints: dict[str, str] | None = None) -> None:
     unknown = sorted(set(d) - allowed)
     if unknown:
@@ -73,7 +79,7 @@ class DeploymentOptions(_Strict):
         try:
             AutoscalingConfig(**v)
         except ValidationError as e:
-            raise ValueError("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+            raise ValueError(_nested_errors(e)) from None
         return v
 
     @field_validator("ray_actor_options")
@@ -86,7 +92,7 @@ class DeploymentOptions(_Strict):
         try:
             RayActorOptionsSchema(**v)
         except ValidationError as e:
-            raise ValueError("; ".join(err["msg"] for err in e.errors())) from None
+            raise ValueError(_nested_errors(e)) from None
         return v
 
     def to_options(self, *, default_max_ongoing: int) -> dict[str, Any]:
@@ -218,7 +224,10 @@ class ServeConfig(_Strict):
         return os.environ.get(API_KEY_ENV) or None
 
     def resolved(self) -> "ServeConfig":
-        pals = [p.resolved() for p in self.palettes]
+        """Names and tasks from the manifests; relative palette paths made absolute against the current
+        directory (the builder's process: replicas run elsewhere, in other working directories)."""
+        pals = [p.model_copy(update={"path": p.path if p.path.is_absolute() else (Path.cwd() / p.path)}).resolved()
+                for p in self.palettes]
         names = [p.name for p in pals]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -241,7 +250,7 @@ class ServeConfig(_Strict):
     @classmethod
     def from_yaml(cls, path: str | Path, *, app: str | None = None) -> "ServeConfig":
         """Read a stitchserve YAML, or the `args` of one application in a Ray Serve config file.
-        Relative palette paths are taken relative to the YAML file's directory."""
+        Relative palette paths stay relative to the current directory, as with `serve run`."""
         p = Path(path)
         try:
             data = yaml.safe_load(p.read_text())
@@ -255,8 +264,4 @@ class ServeConfig(_Strict):
             if not chosen:
                 raise ServeConfigError(f"{str(p)!r}: no application {app!r} in 'applications'")
             data = chosen[0].get("args") or {}
-        cfg = cls.validate_dict(data, where=str(p))
-        base = p.resolve().parent
-        pals = [pc if pc.path.is_absolute() or (Path.cwd() / pc.path).exists()
-                else pc.model_copy(update={"path": base / pc.path}) for pc in cfg.palettes]
-        return cfg.model_copy(update={"palettes": pals})
+        return cls.validate_dict(data, where=str(p))

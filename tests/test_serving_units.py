@@ -1,0 +1,136 @@
+"""Serving pieces without Ray: protocol models, incremental detokenizer with stop strings, metrics relay."""
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from serving.api_serving import OpenAIServing, ServingError
+from serving.budget import GRAMMAR
+from serving.deployment import IncrementalDetokenizer
+from serving.metrics import build_buckets, relay_families, render_families
+from serving.protocol import ChatCompletionRequest, ClassifyRequest, CompletionRequest, GenerateInput
+
+
+# ---- protocol ------------------------------------------------------------------------------------------
+def test_chat_request_accepts_openai_shapes():
+    r = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                {"type": "text", "text": "b"}]}],
+        "max_completion_tokens": 5, "stop": "x", "stream_options": {"include_usage": True},
+        "frequency_penalty": 0, "logit_bias": {}})  # unknown fields are ignored, as OpenAI SDKs send them
+    assert r.messages[1].text() == "ab" and r.requested_max_tokens() == 5 and r.stop == ["x"]
+
+
+@pytest.mark.parametrize("patch, needle", [
+    ({"n": 2}, "n=1"), ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"), ({"stop": [""]}, "empty"),
+    ({"temperature": -1}, "greater than or equal"), ({"top_p": 0}, "greater than"), ({"messages": []}, "at least 1"),
+    ({"max_tokens": 0}, "greater than or equal"), ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+])
+def test_chat_request_rejects(patch, needle):
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], **patch}
+    with pytest.raises(ValidationError, match=needle):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_completion_and_classify_requests():
+    assert CompletionRequest(model="m", prompt=["one"]).prompt == "one"
+    with pytest.raises(ValidationError, match="one prompt"):
+        CompletionRequest(model="m", prompt=["a", "b"])
+    assert ClassifyRequest(input="x").input == ["x"]
+    with pytest.raises(ValidationError, match="empty"):
+        ClassifyRequest(input=["a", ""])
+    with pytest.raises(ValidationError, match="exactly one"):
+        GenerateInput(request_id="r")
+
+
+def test_parse_body_errors_are_values():
+    assert OpenAIServing.parse_body(b"{", ChatCompletionRequest).message.startswith("malformed JSON")
+    err = OpenAIServing.parse_body(b'{"model": "m"}', ChatCompletionRequest)
+    assert isinstance(err, ServingError) and err.status == 400 and "messages" in err.message
+
+
+def test_budget_headers_are_checked_at_the_ingress():
+    parse = OpenAIServing.parse_budget_headers
+    assert parse({"x-compute-budget": "25ms, 1B"}, None) == ("25ms, 1B", False)
+    assert parse({"x-budget-policy": "Strict"}, "40%") == ("40%", True)  # body extension when no header
+    assert parse({"x-compute-budget": "40%"}, "1B") == ("40%", False)  # the header wins
+    assert parse({}, None) == (None, False)
+    err = parse({"x-compute-budget": "soon"}, None)
+    assert isinstance(err, ServingError) and err.status == 400 and GRAMMAR in err.message
+    assert parse({"x-budget-policy": "lenient"}, None).status == 400
+
+
+# ---- detokenizer -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok():
+    from stitchlib.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+def run(tok, text: str, stops: list[str]) -> tuple[list[str], bool]:
+    d = IncrementalDetokenizer(lambda ids: tok.decode(ids, skip_special_tokens=True), stops)
+    deltas = []
+    for t in tok(text, add_special_tokens=False)["input_ids"]:
+        deltas.append(d.push(t))
+        if d.stopped:
+            break
+    deltas.append(d.flush())
+    return [x for x in deltas if x], d.stopped
+
+
+def test_detokenizer_streams_everything_without_stops(tok):
+    deltas, stopped = run(tok, "héllo wörld ✓", [])
+    assert "".join(deltas) == "héllo wörld ✓" and not stopped
+    assert all("\ufffd" not in x for x in deltas)  # multi-byte characters are never split
+
+
+def test_detokenizer_cuts_at_the_first_stop_across_tokens(tok):
+    deltas, stopped = run(tok, "one two. three", [". t", "zzz"])
+    assert "".join(deltas) == "one two" and stopped
+    # nothing that could still become a stop string is emitted early
+    deltas, _ = run(tok, "abcab", ["abx"])
+    assert "".join(deltas) == "abcab"
+
+
+def test_detokenizer_stop_at_start(tok):
+    deltas, stopped = run(tok, "STOP here", ["STOP"])
+    assert deltas == [] and stopped
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+RAY_TEXT = """# HELP ray_stitchserve_requests_total HTTP responses by status code.
+# TYPE ray_stitchserve_requests_total counter
+ray_stitchserve_requests_total{{Component="core_worker",NodeAddress="{node}",SessionName="s",Version="2.60.0",WorkerId="w{node}",application="stitchserve",deployment="StitchServeIngress",model="m",replica="r{node}",status="200",stitch="large"}} 3.0
+# HELP ray_stitchserve_time_to_first_token_seconds Time to first token.
+# TYPE ray_stitchserve_time_to_first_token_seconds histogram
+ray_stitchserve_time_to_first_token_seconds_bucket{{NodeAddress="{node}",le="0.1",model="m",stitch="large"}} 1.0
+ray_stitchserve_time_to_first_token_seconds_bucket{{NodeAddress="{node}",le="+Inf",model="m",stitch="large"}} 2.0
+ray_stitchserve_time_to_first_token_seconds_count{{NodeAddress="{node}",model="m",stitch="large"}} 2.0
+ray_stitchserve_time_to_first_token_seconds_sum{{NodeAddress="{node}",model="m",stitch="large"}} 0.3
+# HELP ray_serve_num_http_requests_total Ray's own.
+# TYPE ray_serve_num_http_requests_total counter
+ray_serve_num_http_requests_total{{route="/"}} 9.0
+"""
+
+
+def test_relay_renames_filters_and_merges_nodes():
+    fams = relay_families([RAY_TEXT.format(node="10.0.0.1"), RAY_TEXT.format(node="10.0.0.2")])
+    assert sorted(f.name for f in fams) == ["stitchserve_requests", "stitchserve_time_to_first_token_seconds"]
+    text = render_families(fams).decode()
+    parsed = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(parsed) == {"stitchserve_requests", "stitchserve_time_to_first_token_seconds"}
+    req = parsed["stitchserve_requests"]
+    assert req.type == "counter" and len(req.samples) == 2
+    assert sum(s.value for s in req.samples) == 6.0
+    assert all(set(s.labels) == {"NodeAddress", "application", "deployment", "model", "replica", "status", "stitch"}
+               for s in req.samples)
+    ttft = parsed["stitchserve_time_to_first_token_seconds"]
+    assert ttft.type == "histogram"
+    assert sum(s.value for s in ttft.samples if s.name.endswith("_count")) == 4.0
+    assert "ray_" not in text
+
+
+def test_buckets_are_1_2_5_in_seconds():
+    b = build_buckets(lo_exp=-3, hi_exp=0)
+    assert b == [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
