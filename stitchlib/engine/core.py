@@ -1,0 +1,350 @@
+"""StitchEngine: continuous batching of many stitches over one weight-shared anchor pair.
+
+State: a fixed number of cache slots; running requests occupy slots 0..n-1, sorted by stitch (so
+each block's rows are a contiguous slice); waiting requests queue for a free slot. One `step()`:
+
+  1. decode: one token for every running request, all stitches in one forward (one CUDA graph
+     replay on GPU), sampled on the device;
+  2. release: requests that hit a stop token or max_tokens leave, their slots are compacted away;
+  3. admit: waiting requests take free slots (rows move so the batch stays sorted; at most one row
+     per stitch group is moved) and are prefilled, which yields their first token.
+
+Every request active in a step gets exactly one token from it. Tokens cross to the host once per
+step (the values callers asked for); nothing else syncs. Single-threaded: call from one thread.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from ..model import StitchedLM
+from ..runtime import SamplingParams
+from ..sampling import make_generator, top_p_filter
+from ..space import Stitch
+from .cache import StaticKVCache
+from .plan import RoutePlan, build_plan
+from .runner import StitchRunner, call_layer
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineConfig(BaseModel):
+    max_slots: int = Field(8, ge=1, description="requests decoded concurrently (KV cache rows)")
+    max_seq_len: int = Field(1024, ge=2, description="positions per request: prompt + generated tokens")
+    kv_block: int = Field(64, ge=1, description="attention spans the longest row rounded up to a multiple of this "
+                                                "(fewer distinct shapes for CUDA graphs, less scanning than max_seq_len)")
+    prefill_tokens: int = Field(4096, ge=1, description="padded tokens per prefill call; joiners beyond it are "
+                                                        "prefilled in further calls of the same step")
+    stitches: list[str] | None = Field(None, description="stitches this engine serves (sizes the caches); None: all")
+    cuda_graphs: bool | None = Field(None, description="capture decode steps in CUDA graphs (None: on for CUDA)")
+    compile_layers: bool = Field(False, description="torch.compile the decoder-block call (one compiled graph "
+                                                    "per anchor and shape, shared by every block)")
+    compile_mode: str | None = Field(None, description="torch.compile mode for compile_layers (no cudagraph modes)")
+    max_graphs: int = Field(32, ge=1, description="captured decode graphs kept (LRU)")
+
+
+@dataclass
+class Request:
+    rid: int
+    stitch: Stitch
+    key: int  # the stitch's PST slot: rows are sorted by it
+    prompt: list[int]
+    params: SamplingParams
+    stops: frozenset[int]
+    generator: torch.Generator | None
+    row: int = -1  # cache slot while running
+    length: int = 0  # positions written in the cache
+    produced: int = 0
+    tokens: list[int] = field(default_factory=list)
+    finished: FinishReason | None = None
+
+
+class StitchEngine:
+    """Mixed-stitch continuous batching over static caches. See the module docstring."""
+
+    def __init__(self, model: StitchedLM, config: EngineConfig | None = None, *,
+                 eos_token_ids: set[int] | frozenset[int] = frozenset()) -> None:
+        self.model = model
+        self.cfg = cfg = config or EngineConfig()
+        self.device = model.small_anchor.device
+        self.dtype = model.small_anchor.dtype
+        self.eos = frozenset(eos_token_ids)
+        served = [model.get(s) for s in cfg.stitches] if cfg.stitches else list(model.stitches)
+        self.served = {s.id for s in served}
+        S, L = model.small_anchor, model.large_anchor
+        dS, dL = S.stats.num_layers, L.stats.num_layers
+        self.d_small, self.d_large = dS, dL
+        small_layers = sorted({i for s in served for i in s.small_blocks(dS)})
+        large_layers = sorted({i for s in served for i in s.large_blocks(dL)})
+
+        def cache(anchor, layers):
+            if not layers:
+                return None
+            st = anchor.stats
+            return StaticKVCache(layers, n_layers=st.num_layers, slots=cfg.max_slots, kv_heads=st.num_kv_heads,
+                                 head_dim=st.head_dim, max_seq=cfg.max_seq_len, dtype=anchor.dtype, device=self.device)
+
+        self.caches = {"small": cache(S, small_layers), "large": cache(L, large_layers)}
+        layer_fn = call_layer
+        if cfg.compile_layers:
+            from .graphs import compile_layer_fn
+            layer_fn = compile_layer_fn(cfg.compile_mode)
+        self.runner = StitchRunner(model, self.caches["small"], self.caches["large"], max_seq=cfg.max_seq_len,
+                                   decode_layer_fn=layer_fn)
+        # Per-slot device state: the last token of every row and its length (= next position).
+        self.tokens = torch.zeros(cfg.max_slots, dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(cfg.max_slots, dtype=torch.long, device=self.device)
+        self.rows: list[Request] = []  # running, sorted by key; rows[i].row == i
+        self.waiting: deque[Request] = deque()
+        self.requests: dict[int, Request] = {}
+        self.last_finished: dict[int, FinishReason] = {}
+        self._next_rid = 0
+        self._plans: OrderedDict[tuple[int, ...], RoutePlan] = OrderedDict()
+        use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
+        self.graphs = None
+        if use_graphs:
+            from .graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self.runner, self.tokens, self.lengths, max_graphs=cfg.max_graphs)
+
+    # ---- public API ---------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], stitch_id: str, params: SamplingParams | None = None, *,
+                    rid: int | None = None) -> int:
+        """Queue a request; it is prefilled by the next `step()` that has a free slot. -> request id."""
+        params = params or SamplingParams()
+        if stitch_id not in self.served:
+            raise KeyError(f"stitch {stitch_id!r} is not served by this engine; served: {', '.join(sorted(self.served))}")
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        need = len(prompt_ids) + params.max_tokens
+        if need > self.cfg.max_seq_len:
+            raise ValueError(f"prompt + max_tokens = {need} exceeds the engine's max_seq_len of {self.cfg.max_seq_len}")
+        if rid is None:
+            rid = self._next_rid
+        if rid in self.requests:
+            raise ValueError(f"request id {rid} is already in use")
+        self._next_rid = max(self._next_rid, rid) + 1
+        st = self.model.get(stitch_id)
+        req = Request(rid=rid, stitch=st, key=self.model.slot[st.id], prompt=list(prompt_ids), params=params,
+                      stops=frozenset(self.eos | set(params.stop_token_ids)),
+                      generator=make_generator(params.seed, self.device))
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def abort(self, rid: int) -> bool:
+        """Drop a request (waiting or running) now, freeing its slot. -> whether it existed."""
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return False
+        if req.row >= 0:
+            self._remove(req.row)
+        else:
+            self.waiting.remove(req)
+        req.finished = "abort"
+        return True
+
+    @torch.no_grad()
+    def step(self) -> dict[int, int]:
+        """Advance every active request by one token. -> {request id: token}. Requests that finished
+        in this step are listed with their reason in `last_finished` and are gone afterwards."""
+        self.last_finished = {}
+        out: dict[int, int] = {}
+        if self.rows:
+            running = list(self.rows)
+            for req, tok in zip(running, self._decode().tolist()):
+                self._emit(req, tok, out)
+            self._release(running)
+        self._release(self._admit(out))
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def free_slots(self) -> int:
+        return self.cfg.max_slots - len(self.rows)
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches.values() if c is not None)
+
+    @torch.no_grad()
+    def decode_burst(self, steps: int) -> torch.Tensor:
+        """Benchmark helper: `steps` decode steps of the running rows with no host reads, no stop
+        checks and no admission. -> tokens [n, steps] (on the device)."""
+        longest = max(r.length for r in self.rows) + steps
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(f"{steps} more steps exceed max_seq_len ({longest} > {self.cfg.max_seq_len})")
+        return torch.stack([self._decode() for _ in range(steps)], dim=1)
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _plan(self, key: tuple[int, ...]) -> RoutePlan:
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build_plan(key, self.model.stitches, self.d_small, self.d_large, self.device)
+            self._plans[key] = plan
+            while len(self._plans) > 4 * self.cfg.max_graphs:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def _kv_len(self, positions: int) -> int:
+        b = self.cfg.kv_block
+        return min(self.cfg.max_seq_len, math.ceil(positions / b) * b)
+
+    def _decode(self) -> torch.Tensor:
+        """One token for every running row; device tensor [n]."""
+        n = len(self.rows)
+        plan = self._plan(tuple(r.key for r in self.rows))
+        kv_len = self._kv_len(max(r.length for r in self.rows) + 1)
+        if self.graphs is not None:
+            logits = self.graphs.run(plan, kv_len)
+        else:
+            logits = self.runner.forward(self.tokens[:n, None], self.lengths[:n, None], slice(0, n), plan, kv_len)
+        tok = self._sample(logits, self.rows)
+        self.tokens[:n] = tok
+        self.lengths[:n] += 1
+        for r in self.rows:
+            r.length += 1
+        return tok
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Greedy for temperature 0, else temperature + top-p via the exponential race with each
+        request's own generator: a row's draws never depend on its batch companions. Same maths
+        and draw order as `stitchlib.sampling.sample_next`, without its host-side all-greedy check."""
+        tok = logits.argmax(-1)
+        idx = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
+        if not idx:
+            return tok
+        dev = logits.device
+        sub = logits[idx].float() if len(idx) < len(reqs) else logits.float()
+        temp = torch.tensor([reqs[i].params.temperature for i in idx], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([reqs[i].params.top_p for i in idx], dtype=torch.float32, device=dev)
+        probs = top_p_filter(torch.softmax(sub / temp.clamp(min=1e-5)[:, None], dim=-1), top_p)
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(idx):
+            noise[j].exponential_(1.0, generator=reqs[i].generator)
+        sampled = (probs / noise).argmax(-1)
+        if len(idx) == len(reqs):
+            return sampled
+        tok[torch.tensor(idx, device=dev)] = sampled
+        return tok
+
+    def _emit(self, req: Request, tok: int, out: dict[int, int]) -> None:
+        out[req.rid] = tok
+        req.tokens.append(tok)
+        req.produced += 1
+        if tok in req.stops:
+            req.finished = "stop"
+        elif req.produced >= req.params.max_tokens:
+            req.finished = "length"
+
+    def _release(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            if req.finished is not None and req.rid in self.requests:
+                self._remove(req.row)
+                del self.requests[req.rid]
+                self.last_finished[req.rid] = req.finished
+
+    def _admit(self, out: dict[int, int]) -> list[Request]:
+        """Move waiting requests into free slots and prefill them (their first token)."""
+        admitted: list[Request] = []
+        while self.waiting and len(self.rows) < self.cfg.max_slots:
+            req = self.waiting.popleft()
+            self._insert(req)
+            admitted.append(req)
+        if not admitted:
+            return admitted
+        admitted.sort(key=lambda r: r.row)
+        chunk: list[Request] = []
+        for req in admitted:
+            t = max([len(r.prompt) for r in chunk] + [len(req.prompt)])
+            if chunk and t * (len(chunk) + 1) > self.cfg.prefill_tokens:
+                self._prefill(chunk, out)
+                chunk = []
+            chunk.append(req)
+        self._prefill(chunk, out)
+        return admitted
+
+    def _prefill(self, reqs: list[Request], out: dict[int, int]) -> None:
+        """Right-padded prompts of `reqs` (sorted by row) written at positions 0..len-1 of their slots;
+        pad positions get junk K/V that the length mask hides until decode overwrites them."""
+        B, T = len(reqs), max(len(r.prompt) for r in reqs)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
+        ids = ids.to(self.device)
+        pos = torch.arange(T, device=self.device).expand(B, T)
+        plen = torch.tensor([len(r.prompt) for r in reqs], dtype=torch.long, device=self.device)
+        rows = [r.row for r in reqs]
+        cache_rows = (slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1))
+                      else torch.tensor(rows, dtype=torch.long, device=self.device))
+        plan = self._plan(tuple(r.key for r in reqs))
+        logits = self.runner.forward(ids, pos, cache_rows, plan, self._kv_len(T), last=plen - 1)
+        tok = self._sample(logits, reqs)
+        self.tokens[cache_rows] = tok
+        self.lengths[cache_rows] = plen
+        for r, t in zip(reqs, tok.tolist()):
+            r.length = len(r.prompt)
+            self._emit(r, t, out)
+
+    # ---- slots: keep rows compact and sorted by key, moving at most one row per group -------------
+    def _move(self, src: int, dst: int) -> None:
+        req = self.rows[src]
+        st = req.stitch
+        for name, blocks in (("small", st.small_blocks(self.d_small)), ("large", st.large_blocks(self.d_large))):
+            if len(blocks) and self.caches[name] is not None:
+                self.caches[name].move_row(src, dst, blocks, req.length)
+        self.tokens[dst] = self.tokens[src]
+        self.lengths[dst] = self.lengths[src]
+        self.rows[dst] = req
+        req.row = dst
+
+    def _insert(self, req: Request) -> None:
+        """Open a slot at the end of req's key group: every later group shifts up by one row by
+        moving its first row to its end."""
+        self.rows.append(req)  # placeholder at the new last slot
+        hole = len(self.rows) - 1
+        i = hole - 1
+        while i >= 0 and self.rows[i].key > req.key:
+            b = i
+            while b - 1 >= 0 and self.rows[b - 1].key == self.rows[i].key:
+                b -= 1
+            self._move(b, hole)
+            hole, i = b, b - 1
+        self.rows[hole] = req
+        req.row = hole
+
+    def _remove(self, row: int) -> None:
+        """Free slot `row`: the last row of its group fills it, then each later group's last row
+        fills the hole left before it; the hole ends at the last slot."""
+        key = self.rows[row].key
+        self.rows[row].row = -1
+        e = row
+        while e + 1 < len(self.rows) and self.rows[e + 1].key == key:
+            e += 1
+        if e != row:
+            self._move(e, row)
+        hole, j = e, e + 1
+        while j < len(self.rows):
+            last = j
+            while last + 1 < len(self.rows) and self.rows[last + 1].key == self.rows[j].key:
+                last += 1
+            self._move(last, hole)
+            hole, j = last, last + 1
+        self.rows.pop()

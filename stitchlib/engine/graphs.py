@@ -1,0 +1,89 @@
+"""Making the decode step cheap to launch: CUDA graphs per batch shape, optional compiled blocks.
+
+A decode step of a given batch composition (the plan: every row's stitch) and attention span
+(`kv_len`, bucketed) has static shapes, so it is captured once in a CUDA graph and replayed every
+step after; the inputs (last tokens and positions) are read from the engine's persistent device
+buffers, and the cache binding is baked into the graph. A composition change (a request joins,
+leaves or moves) captures a new graph; graphs are kept in an LRU.
+
+`compile_layer_fn` compiles the one function that calls an HF decoder block. Every block of an
+anchor shares the code, so dynamo compiles it once per anchor and input shape and reuses it for
+all blocks; inductor fuses the norms, rotary and elementwise glue that otherwise cost one kernel
+each. It is compiled without cudagraphs (`mode="max-autotune-no-cudagraphs"` or default): the
+whole step is captured by `DecodeGraphs` instead, which keeps weights and caches as they are.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .plan import RoutePlan
+from .runner import StitchRunner, call_layer
+
+log = logging.getLogger(__name__)
+
+
+def compile_layer_fn(mode: str | None = None) -> Callable:
+    import torch._dynamo
+
+    # One compiled graph per (anchor layer class, shapes): allow enough entries for every
+    # batch-size bucket x attention span x anchor a deployment sees.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return torch.compile(call_layer, mode=mode, dynamic=None, fullgraph=False)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [n, V], written by every replay
+    plan: RoutePlan  # keeps the plan's index tensors alive: the graph reads their addresses
+
+
+class DecodeGraphs:
+    """One CUDA graph per (plan, kv_len), replayed on the engine's persistent input buffers."""
+
+    def __init__(self, runner: StitchRunner, tokens: torch.Tensor, lengths: torch.Tensor, *,
+                 max_graphs: int = 32) -> None:
+        self.runner, self.tokens, self.lengths = runner, tokens, lengths
+        self.max_graphs = max_graphs
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.captures = 0
+
+    def _step(self, plan: RoutePlan, kv_len: int) -> torch.Tensor:
+        n = plan.n
+        return self.runner.forward(self.tokens[:n, None], self.lengths[:n, None], slice(0, n), plan, kv_len)
+
+    def run(self, plan: RoutePlan, kv_len: int) -> torch.Tensor:
+        key = (plan.key, kv_len)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self._capture(plan, kv_len)
+            self.graphs[key] = g
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        g.graph.replay()
+        return g.logits
+
+    def _capture(self, plan: RoutePlan, kv_len: int) -> _Graph:
+        # Warm-up on a side stream (first calls of compiled code compile and autotune there, which
+        # must not happen under capture). It writes the same K/V the replay writes: idempotent.
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self._step(plan, kv_len)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(plan, kv_len)
+        self.captures += 1
+        log.debug("captured decode graph %d: %d rows, kv_len %d", self.captures, plan.n, kv_len)
+        return _Graph(graph, logits, plan)

@@ -1,0 +1,111 @@
+"""On-hardware cost table the router reads: per stitch, prefill seconds per prompt token and decode
+seconds per step at each batch size, measured through the engine (static caches, CUDA graphs on GPU)
+on this machine, saved as JSON with the device and versions it was measured on.
+
+    {"meta": {"device": ..., "torch": ..., "transformers": ..., "dtype": ..., "prompt_len": 32, ...},
+     "stitches": {"s5-l8": {"prefill_s_per_token": 0.0012, "decode_step_s": {"1": 0.031, "8": 0.036}}}}
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..model import StitchedLM
+from ..runtime import SamplingParams, StitchProfile
+from .core import EngineConfig, StitchEngine
+
+
+def device_info(device: torch.device | str) -> dict:
+    import transformers
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        name = f"{name} ({torch.get_num_threads()} threads)"
+    return {"device": name, "device_type": device.type, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def profile_stitches(model: StitchedLM, stitch_ids: list[str] | None = None, *, prompt_len: int = 32,
+                     decode_steps: int = 8, batch_sizes: tuple[int, ...] = (1,), vocab: int | None = None,
+                     config: EngineConfig | None = None, seed: int = 0) -> dict[str, StitchProfile]:
+    """Prefill seconds per prompt token (at the first batch size, after a warm-up prefill) and the
+    median decode-step seconds at each batch size (after one warm-up step, which also captures the
+    step's CUDA graph on GPU). Random prompts: timing does not depend on token values."""
+    ids = stitch_ids or [s.id for s in model.stitches]
+    warm = 1
+    base = config or EngineConfig()
+    cfg = base.model_copy(update=dict(max_slots=max(batch_sizes), stitches=ids,
+                                      max_seq_len=max(base.max_seq_len, prompt_len + warm + decode_steps + 1)))
+    engine = StitchEngine(model, cfg)
+    dev = engine.device
+    vocab = vocab or model.small_anchor.stats.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=warm + decode_steps + 1, temperature=0.0)
+    out: dict[str, StitchProfile] = {}
+    for sid in ids:
+        prefill, decode = None, {}
+        for bs in batch_sizes:
+            prompts = torch.randint(0, vocab, (bs, prompt_len), generator=g).tolist()
+            for attempt in (("warm",) if prefill is None else ()) + ("timed",):
+                rids = [engine.add_request(p, sid, params) for p in prompts]
+                _sync(dev)
+                t0 = time.perf_counter()
+                engine.step()  # nothing running: this is exactly the prefill (and first token) of the batch
+                _sync(dev)
+                t_pre = time.perf_counter() - t0
+                if attempt == "warm":
+                    for r in rids:
+                        engine.abort(r)
+            engine.decode_burst(warm)
+            steps = []
+            for _ in range(decode_steps):
+                _sync(dev)
+                t0 = time.perf_counter()
+                engine.decode_burst(1)
+                _sync(dev)
+                steps.append(time.perf_counter() - t0)
+            for r in rids:
+                engine.abort(r)
+            if prefill is None:
+                prefill = t_pre / (bs * prompt_len)
+            decode[bs] = statistics.median(steps)
+        out[sid] = StitchProfile(prefill_s_per_token=prefill, decode_step_s=decode)
+    return out
+
+
+def save_profile(path: str | Path, profiles: dict[str, StitchProfile], meta: dict | None = None) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta or {}, "stitches": {sid: prof.model_dump() for sid, prof in profiles.items()}}
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(p)
+    return p
+
+
+def load_profile(path: str | Path) -> tuple[dict[str, StitchProfile], dict]:
+    """-> (profiles, meta). JSON object keys are strings; batch sizes come back as ints."""
+    doc = json.loads(Path(path).read_text())
+    profs = {sid: StitchProfile.model_validate(v) for sid, v in doc["stitches"].items()}
+    return profs, doc.get("meta", {})

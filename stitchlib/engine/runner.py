@@ -1,0 +1,108 @@
+"""The forward pass of a mixed-stitch batch over the static caches (prefill and decode alike).
+
+Each row enters the small anchor, runs its blocks up to its own split, goes through its own
+stitching layer (and stitch-specific biases), and joins the large anchor at its own block. A block
+runs once for all rows that need it: the plan's group for that block (a slice of the batch when rows
+are sorted by route), with `route.slots` set to those rows' PST slots so every PSTLinear adds each
+row's own SSB. HF decoder layers are called as they are, with our boolean masks, the owning anchor's
+rotary embeddings and the anchor's `StaticKVCache`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..model import StitchedLM
+from .cache import Sel, StaticKVCache, compose
+from .plan import RoutePlan
+
+
+def call_layer(layer, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """One HF decoder block (the unit `torch.compile` wraps when compiling layers)."""
+    return layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                 position_embeddings=(cos, sin))
+
+
+class StitchRunner:
+    def __init__(self, model: StitchedLM, small_cache: StaticKVCache | None, large_cache: StaticKVCache | None,
+                 *, max_seq: int, decode_layer_fn: Callable = call_layer) -> None:
+        self.model = model
+        self.S, self.L = model.small_anchor, model.large_anchor
+        self.caches = {"small": small_cache, "large": large_cache}
+        self.decode_layer_fn = decode_layer_fn  # compiled variant for one-token steps; prefill stays eager
+        self.kv_arange = torch.arange(max_seq, device=self.S.device)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache_rows: Sel, plan: RoutePlan, kv_len: int,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, pos: [B, T] (pos = each token's position in its row); cache_rows: the cache slots
+        of the B rows; last: [B] index of the token whose logits are wanted (default T-1).
+        Returns logits [B, V]. Writes K/V of every token at (its row's slot, its position)."""
+        B, T = tokens.shape
+        mask = (self.kv_arange[:kv_len] <= pos[..., None])[:, None]  # [B, 1, T, kv_len] causal over the row
+        model = self.model
+        layer_fn = self.decode_layer_fn if T == 1 else call_layer
+        sub: dict[tuple[str, int], tuple] = {}  # (anchor, group) -> per-group inputs, built once per call
+
+        def inputs(anchor: str, g: int, pe: tuple[torch.Tensor, torch.Tensor]):
+            if (anchor, g) not in sub:
+                sel = plan.groups[g].sel
+                full = isinstance(sel, slice) and sel.start == 0 and sel.stop == B
+                sub[(anchor, g)] = (sel, full, compose(cache_rows, sel), mask if full else mask[sel],
+                                    pos if full else pos[sel], pe[0] if full else pe[0][sel],
+                                    pe[1] if full else pe[1][sel])
+            return sub[(anchor, g)]
+
+        def run(anchor: str, layers, cache: StaticKVCache, h: torch.Tensor, i: int, g: int, pe) -> torch.Tensor:
+            sel, full, rows, m, p, cos, sin = inputs(anchor, g, pe)
+            cache.bind(i, rows, p, kv_len)
+            model.route.slots = plan.groups[g].slots
+            y = layer_fn(layers[i], h if full else h[sel], m, p, cos, sin, cache)
+            if full:
+                return y
+            h[sel] = y
+            return h
+
+        try:
+            h = self.S.embed(tokens)  # [B, T, dS]
+            if plan.small_blocks:
+                pe = self.S.rotary(h, pos)
+                for i, g in plan.small_blocks:
+                    h = run("small", self.S.layers, self.caches["small"], h, i, g, pe)
+            hl = None
+            if plan.large_head is not None:
+                hl = self.L.embed(tokens)  # [B, T, dL]; stitch rows are overwritten below
+                for sid, g in plan.stitchings:
+                    sel = plan.groups[g].sel
+                    hl[sel] = model.stitching[sid](h[sel])
+                pe = self.L.rotary(hl, pos)
+                for k, g in plan.large_blocks:
+                    hl = run("large", self.L.layers, self.caches["large"], hl, k, g, pe)
+        finally:
+            model.route.slots = None
+        return self._heads(h, hl, plan, B, last)
+
+    def _heads(self, h: torch.Tensor, hl: torch.Tensor | None, plan: RoutePlan, B: int,
+               last: torch.Tensor | None) -> torch.Tensor:
+        """Final norm and LM head on the wanted token of every row only."""
+        parts = []
+        if plan.small_head is not None:
+            parts.append((plan.groups[plan.small_head].sel, h, self.S))
+        if plan.large_head is not None:
+            parts.append((plan.groups[plan.large_head].sel, hl, self.L))
+        out = None
+        for sel, x, anchor in parts:
+            x = x[sel]
+            if last is None:
+                x = x[:, -1]
+            else:
+                li = last[sel]
+                x = x[torch.arange(x.shape[0], device=x.device), li]
+            logits = anchor.lm_head(anchor.norm(x))  # [b, V]
+            if len(parts) == 1 and plan.groups[plan.small_head if anchor is self.S else plan.large_head].n == B:
+                return logits
+            if out is None:
+                out = logits.new_empty(B, logits.shape[-1])
+            out[sel] = logits
+        return out

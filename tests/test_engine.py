@@ -1,0 +1,302 @@
+"""StitchEngine against the reference StitchedLM: exact greedy tokens per stitch, mixed-stitch
+batches, continuous batching (join/leave), slot reuse, seeded sampling, plans, cache protocol,
+profile table. Tiny pair, float32, CPU."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from stitchlib.engine import EngineConfig, StaticKVCache, StitchEngine, build_plan
+from stitchlib.engine.profile import load_profile, profile_stitches, save_profile
+from stitchlib.runtime import SamplingParams
+from stitchlib.space import StitchSpaceConfig
+
+N_NEW = 6
+N_REF = 12  # reference tokens computed once per (model, prompt, stitch); tests use prefixes
+
+
+def _randomize_pst(model, scale=0.05, seed=1):
+    """Non-zero shared LoRA, stitching LoRA and stitch-specific biases: every route differs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _prompts(n=4, seed=0, vocab=259):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (t,), generator=g).tolist() for t in (5, 11, 3, 8, 14, 6)[:n]]
+
+
+PROMPTS = _prompts(6)
+
+
+def _greedy(n=N_NEW, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+class Reference:
+    """Greedy tokens of each prompt alone (batch 1, no padding) through the reference decoder,
+    memoised: greedy prefixes do not depend on how many tokens are generated."""
+
+    def __init__(self, model):
+        self.model, self.memo = model, {}
+
+    def __call__(self, prompt: list[int], sid: str, n: int = N_NEW) -> list[int]:
+        key = (tuple(prompt), sid)
+        if key not in self.memo:
+            self.memo[key] = self.model.generate(torch.tensor([prompt]), sid, max_new_tokens=N_REF)[0].tolist()
+        return self.memo[key][:n]
+
+
+def _run(engine, jobs):
+    """jobs: [(prompt, stitch, params)] all queued up front -> {index: tokens}."""
+    rid_of = {engine.add_request(p, sid, sp): i for i, (p, sid, sp) in enumerate(jobs)}
+    out = {i: [] for i in range(len(jobs))}
+    while engine.has_unfinished():
+        for rid, tok in engine.step().items():
+            out[rid_of[rid]].append(tok)
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes are overhead-bound: one intra-op thread avoids OpenMP spin-waiting on a shared
+    2-core machine (7x faster here). Results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pst_model():
+    """One tiny pair with random PST for the whole module (engines never modify the model)."""
+    from stitchlib.anchors import load_anchor
+    from stitchlib.model import StitchedLM
+
+    torch.manual_seed(0)
+    model = StitchedLM(load_anchor("tiny-small", dtype="float32"), load_anchor("tiny-large", dtype="float32"))
+    _randomize_pst(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ref(pst_model):
+    return Reference(pst_model)
+
+
+def test_every_stitch_matches_reference_greedy_ls_init(tiny_model):
+    model = tiny_model()  # PST zero: LoRA/SSB inert, identity-initialised stitching layers
+    reference = Reference(model)
+    engine = StitchEngine(model, EngineConfig(max_slots=2, max_seq_len=48, kv_block=8))
+    for s in model.stitches:
+        out = _run(engine, [(p, s.id, _greedy()) for p in PROMPTS[:2]])
+        assert [out[0], out[1]] == [reference(PROMPTS[0], s.id), reference(PROMPTS[1], s.id)], s.id
+    assert engine.num_running == 0 and engine.free_slots() == 2
+
+
+def test_every_stitch_matches_reference_greedy_random_pst(pst_model, ref):
+    """Random shared LoRA + SSB + stitching LoRA: rows must get their own stitch's biases."""
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=2, max_seq_len=48, kv_block=8))
+    for s in pst_model.stitches:
+        out = _run(engine, [(p, s.id, _greedy()) for p in PROMPTS[:2]])
+        assert [out[0], out[1]] == [ref(PROMPTS[0], s.id), ref(PROMPTS[1], s.id)], s.id
+
+
+def test_mixed_stitch_batch_equals_each_row_alone(pst_model, ref):
+    ids = [s.id for s in pst_model.stitches]  # 7 stitches: both anchors and every stitch
+    jobs = [(p, sid, _greedy()) for sid in ids for p in PROMPTS[:2]]
+    random.Random(0).shuffle(jobs)  # arrival order must not matter: rows are sorted by route inside
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=len(jobs), max_seq_len=48, kv_block=8))
+    out = _run(engine, jobs)
+    for i, (p, sid, _) in enumerate(jobs):
+        assert out[i] == ref(p, sid), sid
+
+
+def test_scattered_routes_use_index_rows(tiny_pair):
+    """Equal depths with kernel 2: splits are not monotone in the palette order, so some blocks'
+    rows are not a contiguous slice and the gather/scatter path runs."""
+    from stitchlib.anchors import load_anchor
+    from stitchlib.model import StitchedLM
+
+    torch.manual_seed(0)
+    model = StitchedLM(load_anchor("tiny-small", dtype="float32"), load_anchor("tiny-small", dtype="float32"),
+                       space=StitchSpaceConfig(kernel=2, stride=1))
+    _randomize_pst(model)
+    key = tuple(range(len(model.stitches)))
+    plan = build_plan(key, model.stitches, 4, 4, torch.device("cpu"))
+    assert any(isinstance(g.sel, torch.Tensor) for g in plan.groups)
+    reference = Reference(model)
+    ids = [s.id for s in model.stitches]
+    engine = StitchEngine(model, EngineConfig(max_slots=len(ids), max_seq_len=32, kv_block=8))
+    out = _run(engine, [(PROMPTS[0], sid, _greedy(4)) for sid in ids])
+    for i, sid in enumerate(ids):
+        assert out[i] == reference(PROMPTS[0], sid, 4), sid
+
+
+def test_sorted_rows_give_contiguous_slices(tiny_model):
+    model = tiny_model()
+    key = (0, 0, 1, 3, 3, 5, 6, 6)
+    plan = build_plan(key, model.stitches, 4, 6, torch.device("cpu"))
+    assert all(isinstance(g.sel, slice) for g in plan.groups)
+    # a block runs once, on exactly the rows that need it
+    assert [(i, plan.groups[g].sel) for i, g in plan.small_blocks] == [
+        (0, slice(0, 6)), (1, slice(0, 5)), (2, slice(0, 5)), (3, slice(0, 3))]
+    assert [(k, plan.groups[g].sel) for k, g in plan.large_blocks] == [
+        (0, slice(6, 8)), (1, slice(5, 8)), (2, slice(5, 8)), (3, slice(3, 8)), (4, slice(3, 8)), (5, slice(2, 8))]
+    assert plan.groups[plan.small_head].sel == slice(0, 2) and plan.groups[plan.large_head].sel == slice(2, 8)
+
+
+def test_join_and_leave_mid_batch_do_not_disturb_others(pst_model, ref):
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=4, max_seq_len=48, kv_block=8))
+    a = engine.add_request(PROMPTS[0], "s2-l3", _greedy(N_REF))
+    b = engine.add_request(PROMPTS[1], "large", _greedy(N_REF))
+    got = {a: [], b: []}
+    joined = {}
+    for step in range(N_REF):
+        if step in (2, 5, 7):  # newcomers on other stitches land before, between and after a and b
+            k = (2, 5, 7).index(step)
+            sid = ["small", "s0-l1", "s3-l5"][k]
+            rid = engine.add_request(PROMPTS[2 + k], sid, _greedy(3))
+            joined[rid], got[rid] = (PROMPTS[2 + k], sid), []
+        if step == 9:
+            assert engine.abort(b)  # leaves mid-decode; a keeps going
+        for rid, tok in engine.step().items():
+            got[rid].append(tok)
+    assert not engine.has_unfinished()
+    assert got[a] == ref(PROMPTS[0], "s2-l3", N_REF)
+    assert got[b] == ref(PROMPTS[1], "large", 9)
+    for rid, (p, sid) in joined.items():
+        assert got[rid] == ref(p, sid, 3), sid
+
+
+def test_slots_are_reused_without_leaks(pst_model, ref):
+    ids = [s.id for s in pst_model.stitches]
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=4, max_seq_len=32, kv_block=8))
+    jobs = [(PROMPTS[i % 3], ids[(i * 5) % 7], _greedy(1 + i % 3)) for i in range(24)]
+    out = _run(engine, jobs)
+    for i, (p, sid, sp) in enumerate(jobs):
+        assert out[i] == ref(p, sid, sp.max_tokens), (i, sid)
+    assert engine.num_running == engine.num_waiting == 0 and not engine.requests
+    assert engine.free_slots() == 4
+
+
+def test_stop_tokens_and_finish_reasons(pst_model, ref):
+    want = ref(PROMPTS[0], "s1-l2")
+    stop = want[2]
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=2, max_seq_len=32), eos_token_ids={stop})
+    rid = engine.add_request(PROMPTS[0], "s1-l2", _greedy())
+    toks, reasons = [], {}
+    while engine.has_unfinished():
+        toks += engine.step().values()
+        reasons.update(engine.last_finished)
+    assert toks == want[: want.index(stop) + 1] and reasons == {rid: "stop"}
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=2, max_seq_len=32))
+    rid = engine.add_request(PROMPTS[0], "s1-l2", _greedy(2, stop_token_ids=[want[5]]))
+    engine.step()
+    assert engine.last_finished == {}
+    engine.step()
+    assert engine.last_finished == {rid: "length"}
+
+
+def test_seeded_sampling_reproducible_and_independent_of_companions(pst_model):
+    hot = SamplingParams(max_tokens=N_NEW, temperature=1.3, top_p=0.9, seed=123)
+
+    def alone(sp):
+        engine = StitchEngine(pst_model, EngineConfig(max_slots=4, max_seq_len=48))
+        return _run(engine, [(PROMPTS[0], "s2-l4", sp)])[0]
+
+    first = alone(hot)
+    assert first == alone(hot)
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=4, max_seq_len=48))
+    companions = [(PROMPTS[1], "large", SamplingParams(max_tokens=3, temperature=0.7, seed=9)),
+                  (PROMPTS[0], "s2-l4", hot), (PROMPTS[2], "small", _greedy(5)),
+                  (PROMPTS[3], "s2-l4", SamplingParams(max_tokens=N_NEW, temperature=1.0))]
+    assert _run(engine, companions)[1] == first
+    assert alone(hot.model_copy(update={"seed": 124})) != first
+
+
+def test_seeded_sampling_matches_reference_sampler(tiny_model):
+    """Same exponential-race maths and draw order as stitchlib.sampling: same tokens as the reference."""
+    model = tiny_model()
+    p = PROMPTS[0]
+    ref = model.generate(torch.tensor([p]), "s2-l3", max_new_tokens=N_NEW, temperature=0.8, top_p=0.95,
+                         seeds=[7])[0].tolist()
+    engine = StitchEngine(model, EngineConfig(max_slots=1, max_seq_len=32))
+    got = _run(engine, [(p, "s2-l3", SamplingParams(max_tokens=N_NEW, temperature=0.8, top_p=0.95, seed=7))])[0]
+    assert got == ref
+
+
+def test_requests_queue_when_slots_are_full_and_validation(pst_model):
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=1, max_seq_len=16, stitches=["small", "s2-l3"]))
+    a = engine.add_request([1, 2, 3], "small", _greedy(2))
+    b = engine.add_request([4, 5], "s2-l3", _greedy(2))
+    assert set(engine.step()) == {a} and engine.num_waiting == 1
+    assert set(engine.step()) == {a, b}  # a's last token frees the slot; b is prefilled in the same step
+    assert engine.last_finished == {a: "length"} and engine.num_running == 1
+    assert engine.abort(b) and not engine.abort(b) and not engine.has_unfinished()
+    with pytest.raises(KeyError, match="not served"):
+        engine.add_request([1], "large")
+    with pytest.raises(ValueError, match="exceeds"):
+        engine.add_request([1] * 10, "small", _greedy(7))
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request([], "small")
+    # caches cover only the layers the served stitches run
+    assert engine.caches["small"].layers == [0, 1, 2, 3] and engine.caches["large"].layers == [3, 4, 5]
+
+
+def test_static_cache_update_protocol():
+    cache = StaticKVCache([0, 2], n_layers=3, slots=4, kv_heads=2, head_dim=3, max_seq=8,
+                          dtype=torch.float32, device=torch.device("cpu"))
+    k = torch.arange(2 * 2 * 1 * 3, dtype=torch.float32).reshape(2, 2, 1, 3)
+    pos = torch.tensor([[5], [1]])
+    cache.bind(2, slice(1, 3), pos, kv_len=8)
+    ko, vo = cache.update(k, -k, layer_idx=2)  # layer_idx is ignored: the binding chose layer 2
+    assert ko.shape == (2, 2, 8, 3)
+    torch.testing.assert_close(cache.k[2][1, :, 5], k[0, :, 0])
+    torch.testing.assert_close(cache.k[2][2, :, 1], k[1, :, 0])
+    torch.testing.assert_close(cache.v[2][2, :, 1], -k[1, :, 0])
+    assert cache.k[0].abs().sum() == 0 and cache.k[2][0].abs().sum() == 0 and cache.k[2][3].abs().sum() == 0
+    assert ko.data_ptr() == cache.k[2][1].data_ptr()  # contiguous rows: a view, no copy
+    cache.bind(2, torch.tensor([3, 0]), pos, kv_len=6)
+    ko, _ = cache.update(k, k, layer_idx=0)
+    assert ko.shape == (2, 2, 6, 3)
+    torch.testing.assert_close(cache.k[2][3, :, 5], k[0, :, 0])
+    cache.move_row(3, 1, [2], length=6)
+    torch.testing.assert_close(cache.k[2][1, :, :6], cache.k[2][3, :, :6])
+    with pytest.raises(RuntimeError, match="no cache"):
+        cache.bind(1, slice(0, 1), pos, 8)
+
+
+def test_profile_table_round_trip(pst_model, tmp_path):
+    profs = profile_stitches(pst_model, ["small", "s2-l3", "large"], prompt_len=6, decode_steps=3, batch_sizes=(1, 3))
+    assert set(profs) == {"small", "s2-l3", "large"}
+    for p in profs.values():
+        assert p.prefill_s_per_token > 0 and set(p.decode_step_s) == {1, 3} and min(p.decode_step_s.values()) > 0
+    path = save_profile(tmp_path / "profile.json", profs, {"device": "cpu"})
+    back, meta = load_profile(path)
+    assert back == profs and meta == {"device": "cpu"}
+
+
+def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
+    from stitchlib.engine.pool import pool_for
+    from stitchlib.palette import init_palette
+    from stitchlib.runtime import PaletteRuntime
+
+    p = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32")
+    rt = PaletteRuntime.load(p, dtype="float32")
+    ids = [5, 6, 7, 8]
+    gen = rt.generate_steps([ids, ids[:2]], "s1-l2", [_greedy(6), _greedy(6)])
+    first = next(gen)
+    assert all(t is not None for t in first)
+    gen.close()  # stops work: the engine's rows are released and it goes back to the pool
+    (engine,) = pool_for(rt)._idle
+    assert not engine.requests and engine.num_running == 0
+    steps = list(rt.generate_steps([ids], "s1-l2", [_greedy(6)]))
+    assert pool_for(rt)._idle == [engine]  # reused, not rebuilt
+    ref = rt.model.generate(torch.tensor([ids]), "s1-l2", max_new_tokens=6)[0].tolist()
+    assert [s[0] for s in steps] == ref
