@@ -290,6 +290,10 @@ class OpenAIServing:
             raise
         except StopAsyncIteration:
             return ServingError(500, "the model replica returned nothing", type="internal_error", model=model)
+        except Exception as e:  # a replica that failed: a JSON error, not a bare 500 page
+            log.exception("palette replica failed")
+            return ServingError(500, f"the model replica failed: {type(e).__name__}: {e}", type="internal_error",
+                                model=model)
 
     async def _stream(self, gen: Any, card: StitchCard, model: str, rid: str, chat: bool, prompt_tokens: int,
                       include_usage: bool, deadline: float) -> AsyncIterator[str]:
@@ -373,6 +377,10 @@ class OpenAIServing:
             resp.cancel()
             self.record(ref.name, NO_STITCH, 499)
             raise
+        except Exception as e:
+            log.exception("palette replica failed")
+            return self.fail(ServingError(500, f"the model replica failed: {type(e).__name__}: {e}",
+                                          type="internal_error", model=ref.name))
         if out["type"] == "error":
             return self.fail(ServingError.from_value(out, ref.name))
         card = StitchCard.model_validate(out["stitch"])

@@ -88,7 +88,7 @@ class _Row:
     params: Any
     admitted: float = field(default_factory=time.perf_counter)
     started: float | None = None  # first engine step
-    state: str = "waiting"  # waiting -> running -> finished
+    state: str = "waiting"  # waiting -> running -> finished; waiting -> cancelled (gone before its batch)
 
 
 @dataclass
@@ -203,26 +203,32 @@ class PaletteServer:
     def _make_gen_batch(self, sid: str):
         async def gen_batch(rows: list[_Row]) -> AsyncIterator[list[Any]]:
             now = time.perf_counter()
-            for r in rows:
+            # a caller that went away while queued is not computed (Serve drops cancelled futures too,
+            # but the batch may have formed just before the cancellation)
+            ended = [r.state == "cancelled" for r in rows]
+            live = [r for r, e in zip(rows, ended) if not e]
+            if not live:
+                return
+            for r in live:
                 r.state, r.started = "running", now
             self._record_scheduler()
-            gen_rows = [GenerationRow(r.request_id, r.prompt_ids, r.params) for r in rows]
-            ended = [False] * len(rows)
+            gen_rows = [GenerationRow(r.request_id, r.prompt_ids, r.params) for r in live]
+            where = [i for i, e in enumerate(ended) if not e]  # engine row -> batch position
             async for step in self.engine.generate(gen_rows, sid):
                 if step.index == 0:
                     self.tracker.observe_prefill(sid, step.prompt_tokens, step.seconds)
                 else:
                     self.tracker.observe_decode(sid, step.batch_size, step.seconds)
-                out: list[Any] = []
-                for i, tok in enumerate(step.tokens):
+                out: list[Any] = [StopIteration] * len(rows)
+                for j, tok in enumerate(step.tokens):
+                    i = where[j]
                     if ended[i] or tok is None:
                         ended[i] = True
                         rows[i].state = "finished"
-                        out.append(StopIteration)
                     else:
-                        out.append(tok)
+                        out[i] = tok
                 yield out
-            for r in rows:
+            for r in live:
                 r.state = "finished"
 
         gen_batch.__name__ = f"generate_{sid}"
@@ -309,7 +315,10 @@ class PaletteServer:
                    "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out,
                              "total_tokens": len(ids) + n_out}}
         finally:
-            if row.state != "finished":  # stop string, disconnect or timeout: free the batch slot
+            # stop string, disconnect or timeout: free the slot and stop computing this row
+            if row.state == "waiting":
+                row.state = "cancelled"
+            elif row.state == "running":
                 self.engine.abort(row.request_id)
             self._live.pop(row.request_id, None)
             self.tracker.end(sid, n_out)

@@ -45,6 +45,7 @@ class EngineClient(ABC):
     labels: list[str] | None
     max_context: int
     stitches: list[Any]  # stitchlib.runtime.StitchInfo, cheapest first
+    eos_ids: set[int]
 
     @abstractmethod
     def generate(self, rows: list[GenerationRow], stitch_id: str) -> AsyncIterator[EngineStep]:
@@ -61,6 +62,10 @@ class EngineClient(ABC):
     @abstractmethod
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""
+
+    @abstractmethod
+    async def profile(self, **kw: Any) -> dict[str, Any]:
+        """Measure every stitch on this hardware: stitch id -> StitchProfile (prefill s/token, step s by batch)."""
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...

@@ -215,7 +215,7 @@ def metrics_export_urls() -> list[str]:
 async def scrape_relay(timeout_s: float = 5.0) -> bytes:
     import httpx
 
-    urls = metrics_export_urls()
+    urls = await asyncio.to_thread(metrics_export_urls)  # ray.nodes() is a blocking GCS call
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         async def one(url: str) -> str:
             try:

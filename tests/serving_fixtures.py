@@ -64,6 +64,18 @@ def serve_config(palettes: dict[str, Path], port: int):
         port=port, api_key=API_KEY, request_timeout_s=60)
 
 
+def tight_config(palettes: dict[str, Path], port: int):
+    """A second application: no API key, 1 s request timeout, one request per replica and a queue of one,
+    so Serve's own back-pressure (503) and the ingress timeout (504) are reachable."""
+    from serving.config import ServeConfig
+
+    return ServeConfig(
+        app_name="tight", route_prefix="/tight", port=port, request_timeout_s=1.0,
+        palettes=[{"path": str(palettes["tinychat"]), "profile": SMALL_PROFILE, "max_batch_size": 1,
+                   "deployment": {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 1,
+                                  "max_queued_requests": 1}}])
+
+
 def start_serving(root: Path) -> Served:
     global _SERVED
     if _SERVED is not None:
@@ -82,6 +94,8 @@ def start_serving(root: Path) -> Served:
     cfg = serve_config(palettes, http_port)
     t0 = time.time()
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+    tight = tight_config(palettes, http_port)
+    serve.run(build_app(tight), name=tight.app_name, route_prefix=tight.route_prefix)
     _SERVED = Served(f"http://127.0.0.1:{http_port}", API_KEY, metrics_port, palettes, cfg,
                      {"startup_s": time.time() - t0})
     return _SERVED

@@ -288,13 +288,14 @@ def test_clear_4xx(http):
     assert r.json()["error"]["type"] == "model_not_found"
 
 
-def _cancelled_and_tokens(http, m0, sid):
+def _cancelled_and_tokens(http, m0, sid, statuses=("499",)):
+    """(requests that ended as one of `statuses`, tokens generated) on `sid` since the scrape `m0`."""
     m = metrics(http)
-    cancelled = total(m, "stitchserve_requests_total", stitch=sid, status="499") - \
-        total(m0, "stitchserve_requests_total", stitch=sid, status="499")
+    cancelled = sum(total(m, "stitchserve_requests_total", stitch=sid, status=st) -
+                    total(m0, "stitchserve_requests_total", stitch=sid, status=st) for st in statuses)
     toks = total(m, "stitchserve_generation_tokens_total", stitch=sid) - \
         total(m0, "stitchserve_generation_tokens_total", stitch=sid)
-    return (cancelled, toks) if cancelled >= 1 and toks > 0 else None
+    return (cancelled, toks) if cancelled >= 1 else None
 
 
 def test_request_timeout_cancels(http, stitches):
@@ -308,7 +309,8 @@ def test_request_timeout_cancels(http, stitches):
     assert r.status_code in (408, 504), r.text
     # the timed-out generation was cancelled: the replica drains back to idle, well short of 900 tokens
     assert wait_for(lambda: http.get("/ready").json()["models"][0]["inflight"] == 0, timeout=10)
-    res = wait_for(lambda: _cancelled_and_tokens(http, m0, sid), timeout=15)
+    # whichever timer fired first (Ray's 408 cancels the ingress: 499; the ingress's own: 504)
+    res = wait_for(lambda: _cancelled_and_tokens(http, m0, sid, ("499", "504")), timeout=15)
     assert res is not None and res[0] == 1 and res[1] < 900, res
 
 
@@ -327,6 +329,28 @@ def test_queue_full_503_with_retry_after(served, http):
     assert all(r.headers.get("retry-after") for r in full)
     assert full[0].json()["error"]["type"] == "queue_full"
     assert sum(c == 200 for c in codes) <= 6 + 1  # max_inflight (+1: one may finish and free a slot)
+
+
+def test_backpressure_503_and_ingress_timeout_504(served):
+    """The `tight` app: max_ongoing_requests=1 + max_queued_requests=1 per replica, 1 s request timeout."""
+    base = served.base_url + "/tight"
+    body = {"model": CHAT, "messages": HI, "max_tokens": 100, "temperature": 0}
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(8)))
+
+    rs = asyncio.run(flood())
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503, 504}, codes
+    full = [r for r in rs if r.status_code == 503]
+    assert full, codes
+    assert all(r.headers.get("retry-after") and r.json()["error"]["type"] == "queue_full" for r in full)
+    assert httpx.get(base + "/health").status_code == 200  # no API key on this app
+    time.sleep(2)  # let the survivors drain
+    r = httpx.post(base + "/v1/chat/completions", json={**body, "max_tokens": 900}, timeout=60)
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["type"] == "timeout" and "1s" in r.json()["error"]["message"]
 
 
 # ---- batching, disconnects, metrics -----------------------------------------------------------------
@@ -371,7 +395,8 @@ def test_disconnect_stops_generation(served, http, stitches):
     assert wait_for(lambda: http.get("/ready").json()["models"][0]["inflight"] == 0, timeout=10)
     freed_after = time.time() - t_close
 
-    res = wait_for(lambda: _cancelled_and_tokens(http, m0, sid), timeout=15)
+    res = wait_for(lambda: (lambda x: x if x and x[1] > 0 else None)(_cancelled_and_tokens(http, m0, sid)),
+                   timeout=15)
     assert res is not None, "the disconnect was not recorded"
     cancelled, toks = res
     print(f"disconnect: slot freed after {freed_after:.2f}s, {toks:.0f} tokens generated of 950")
