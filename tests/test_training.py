@@ -1,0 +1,357 @@
+"""training/adapt_llama.py on the tiny pair: end to end for both tasks, determinism, resume after a
+real SIGTERM / SIGINT, and one clear line for each kind of bad input."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "adapt_llama.py"
+TINY = ["--small", "tiny-small", "--large", "tiny-large"]
+
+TOPICS = {"sport": ["goal", "match", "team", "score", "coach", "league"],
+          "tech": ["chip", "code", "data", "robot", "phone", "cloud"],
+          "food": ["bread", "soup", "salad", "cake", "rice", "spice"]}
+FILLER = ["the", "a", "big", "new", "old", "today", "and", "with"]
+
+
+def write_classify(path: Path, n: int = 96, seed: int = 0) -> Path:
+    r = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            lab = r.choice(sorted(TOPICS))
+            words = [r.choice(TOPICS[lab]) for _ in range(5)] + [r.choice(FILLER) for _ in range(5)]
+            r.shuffle(words)
+            f.write(json.dumps({"text": " ".join(words), "label": lab}) + "\n")
+    return path
+
+
+def write_chat(path: Path, n: int = 96, seed: int = 0) -> Path:
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = r.randint(0, 40), r.randint(0, 40)
+        rows.append({"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {b} is {a + b}."})
+    path.write_text(json.dumps(rows))  # a JSON array (the other format: JSONL above)
+    return path
+
+
+def config(tmp: Path, data: Path, task: str, **kw):
+    from training.config import make_config
+
+    fields = dict(small="tiny-small", large="tiny-large", task=task, data=str(data), out=str(tmp / "palette"),
+                  steps=24, batch_size=4, seq_len=48, eval_size=16, calib_size=16, lr=3e-3, dtype="float32",
+                  checkpoint_every=0, progress=False, seed=0)
+    fields.update(kw)
+    return make_config(**fields)
+
+
+def palette_tensors(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices on 2 shared, busy cores: one thread is ~6x faster than two (no oversubscription),
+    and in-process and subprocess runs then share one reduction order, so palettes compare bit for bit."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+# ---- units ---------------------------------------------------------------------------------------
+def test_cli_flags_mirror_the_config(capsys):
+    import argparse
+
+    from training.adapt_llama import add_arguments
+    from training.config import TrainConfig, make_config
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--data", "d.jsonl", "--out", "o", "--no-stitch-bias", "--lora-rank", "8",
+                         "--sampling", "uniform"])
+    cfg = make_config(**vars(args))
+    assert cfg == TrainConfig(data="d.jsonl", out="o", stitch_bias=False, lora_rank=8, sampling="uniform")
+    # every field is a flag, and unset flags fall back to the config's own defaults
+    assert cfg.lr == TrainConfig.model_fields["lr"].default and cfg.eta == 0.9
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--steps", "--epochs", "--grad-accum", "--seq-len", "--warmup-steps", "--lora-alpha",
+                 "--stitch-lora-rank", "--stitch-bias", "--eta", "--n-intervals", "--snip-warmup-steps",
+                 "--distill", "--quantization", "--adapt-anchors-first", "--resume", "--overwrite", "--eval-size"):
+        assert flag in help_text
+
+
+def test_schedule_warms_up_then_decays_to_min():
+    from training.trainer import cosine_schedule
+
+    f = cosine_schedule(total=100, warmup=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def test_teacher_hard_labels_are_shifted_onto_response_positions(tmp_path):
+    from training.trainer import Trainer
+
+    t = Trainer(config(tmp_path, tmp_path / "unused", "chat"))
+    logits = torch.zeros(1, 4, 6)
+    logits[0, torch.arange(4), torch.tensor([5, 4, 3, 2])] = 1.0  # position t predicts 5-t
+    labels = torch.tensor([[-100, -100, 7, 7]])
+    # logits at t predict token t+1; only positions that carry a label keep a teacher label
+    assert t.hard_labels(logits, labels).tolist() == [[-100, -100, 4, 3]]
+
+
+def test_lora_gets_gradients_after_an_eval_pass_with_8bit_anchors(tmp_path):
+    """DESIGN.md pitfall: a no-grad forward through quantized frozen weights must not cut LoRA off."""
+    pytest.importorskip("bitsandbytes")
+    from training.task_data import load_examples
+    from training.trainer import Trainer, evaluate
+
+    cfg = config(tmp_path, write_classify(tmp_path / "d.jsonl", n=40), "classify", quantization="8bit",
+                 dtype="bfloat16", steps=2, eval_size=8)
+    t = Trainer(cfg)
+    t.setup(load_examples(cfg))
+    t.calibrate()  # includes the trainer's own post-calibration gradient probe
+    evaluate(t.model, cfg, t.enc, progress=False)  # no-grad forward through every stitch
+    t.train_step()  # leaves grads set to None again; run one more backward by hand to inspect them
+    b = next(t.batches)
+    with t.autocast():
+        t.task_loss(t.forward(b, "s2-l3"), b["labels"]).backward()
+    mods = [m for m in [*t.model.pst_small[:4], *t.model.pst_large[-4:]]]
+    assert mods and all(m.lora_b.grad is not None and m.lora_b.grad.abs().sum() > 0 for m in mods)
+
+
+# ---- end to end, in process -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_classify_end_to_end(tmp_path):
+    from stitchlib.palette import load_palette
+    from stitchlib.runtime import PaletteRuntime
+    from training.adapt_llama import adapt
+
+    cfg = config(tmp_path, write_classify(tmp_path / "d.jsonl"), "classify", steps=30)
+    res = adapt(cfg)
+    hist = res.report["history"]
+    assert mean([h["teacher_loss"] for h in hist[-8:]]) < 0.7 * mean([h["teacher_loss"] for h in hist[:8]])
+
+    m, tensors = load_palette(cfg.out_path)
+    assert m.task == "classify" and m.labels == ["food", "sport", "tech"] and m.quality_metric == "accuracy"
+    assert all("accuracy" in s.metrics and "loss" in s.metrics for s in m.stitches)  # every stitch evaluated
+    dep = [s.id for s in m.deployed()]
+    assert "small" in dep and "large" in dep and len(dep) <= cfg.n_intervals + 2
+    assert m.training["config"]["lr"] == cfg.lr and m.training["total_steps"] == 30
+    assert m.training["trainable"]["pst_total"] < m.training["trainable"]["full_finetune"] / 5
+    assert (cfg.out_path / "report.json").is_file()
+    assert (cfg.out_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not cfg.checkpoint_path.parent.exists()  # cleaned up after success
+    # every route learned the keyword task (3 balanced-ish classes: chance is ~1/3, untrained loss ~ln 3)
+    assert m.stitches[-1].metrics["accuracy"] > 0.6
+    assert mean([s.metrics["accuracy"] for s in m.stitches]) > 0.5
+    assert mean([s.metrics["loss"] for s in m.stitches]) < 1.0
+
+    rt = PaletteRuntime.load(cfg.out_path, dtype="float32")
+    probs = rt.classify(["goal match team score coach", "bread soup cake rice spice"], "large")
+    assert [max(p, key=p.get) for p in probs] == ["sport", "food"]
+
+
+@pytest.mark.slow
+def test_chat_end_to_end_and_two_stage_ablation(tmp_path):
+    from stitchlib.runtime import PaletteRuntime
+    from training.adapt_llama import adapt
+
+    data = write_chat(tmp_path / "d.json")
+    cfg = config(tmp_path, data, "chat", steps=30)
+    res = adapt(cfg)
+    hist = res.report["history"]
+    assert mean([h["teacher_loss"] for h in hist[-8:]]) < 0.8 * mean([h["teacher_loss"] for h in hist[:8]])
+    assert mean([h["stitch_ce"] for h in hist[-8:]]) < mean([h["stitch_ce"] for h in hist[:8]])
+    rt = PaletteRuntime.load(cfg.out_path, dtype="float32")
+    assert rt.manifest.quality_metric == "neg_loss"
+    assert all(s.metrics["neg_loss"] == pytest.approx(-s.metrics["loss"]) for s in rt.manifest.stitches)
+    from stitchlib.runtime import SamplingParams
+
+    ids = rt.tokenizer("Add 3 and 4.")["input_ids"]
+    dep = rt.manifest.deployed()[1].id
+    steps = list(rt.generate_steps([ids], dep, [SamplingParams(max_tokens=4, temperature=0.0)]))
+    assert 1 <= len(steps) <= 4  # a deployed stitch of the palette serves
+    # interval analysis: one row per non-empty interval, each naming the top-score and best stitch
+    assert all({"top_score", "best_eval", "match"} <= set(r) for r in res.report["intervals"])
+
+    cfg2 = config(tmp_path, data, "chat", steps=12, adapt_anchors_first=5, out=str(tmp_path / "two-stage"))
+    res2 = adapt(cfg2)
+    stitched = [h["stitch"] for h in res2.report["history"]]
+    assert stitched[:5] == ["small"] * 5
+    assert res2.manifest.training["kind"] == "adapt-then-stitch"
+
+
+# ---- subprocess runs: determinism across processes and resume after a real signal ---------------------
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # as _one_thread: the same reduction order as in-process runs
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli(tmp: Path, data: Path, out: str, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), *TINY, "--task", "chat", "--data", str(data), "--out", str(tmp / out),
+            "--steps", "24", "--batch-size", "4", "--seq-len", "48", "--eval-size", "16", "--calib-size", "16",
+            "--lr", "3e-3", "--dtype", "float32", "--checkpoint-every", "4", "--no-progress", "--seed", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clean")
+    data = write_chat(tmp / "d.json")
+    p = subprocess.run(_cli(tmp, data, "palette"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return tmp, data, palette_tensors(tmp / "palette")
+
+
+@pytest.mark.slow
+def test_same_seed_same_palette_across_processes(clean_run, tmp_path):
+    """An in-process run with the same options reproduces the subprocess palette bit for bit."""
+    from training.adapt_llama import adapt
+
+    _, data, reference = clean_run
+    cfg = config(tmp_path, data, "chat", steps=24, checkpoint_every=4)
+    adapt(cfg)
+    assert_same_tensors(palette_tensors(cfg.out_path), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_resume_after_kill_gives_the_uninterrupted_palette(clean_run, tmp_path, sig):
+    _, data, reference = clean_run
+    cmd = _cli(tmp_path, data, "palette", "-v")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def pump():
+        for line in proc.stderr:
+            lines.append(line)
+            if "checkpoint at step 8" in line:
+                seen.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    assert seen.wait(300), "".join(lines)
+    proc.send_signal(sig)  # mid-run, after an interval checkpoint
+    rc = proc.wait(120)
+    assert rc == 128 + sig, "".join(lines)
+    assert "rerun the same command with --resume" in lines[-1]
+    assert not (tmp_path / "palette").exists() and (tmp_path / "palette.ckpt" / "last.pt").is_file()
+
+    again = subprocess.run(_cli(tmp_path, data, "palette"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr  # refuses to silently start over
+    resumed = subprocess.run(_cli(tmp_path, data, "palette", "--resume"), env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_tensors(palette_tensors(tmp_path / "palette"), reference)
+    manifest = json.loads((tmp_path / "palette" / "manifest.json").read_text())
+    assert 8 <= manifest["training"]["resumed_from_step"] < 24
+    assert not (tmp_path / "palette.ckpt").exists()
+
+
+# ---- bad input: one line on stderr, non-zero exit, nothing written -----------------------------------
+def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    good = write_classify(tmp / "good.jsonl", n=20)
+    (tmp / "malformed.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "nolabel.jsonl").write_text('{"text": "a b", "label": "x"}\n{"text": "c d"}\n')
+    (tmp / "exists").mkdir()
+    (tmp / "exists" / "keep.txt").write_text("mine")
+    cls = ["--task", "classify"]
+    return [
+        ("missing data file", [*cls, "--data", str(tmp / "nope.jsonl")], "no such data file"),
+        ("malformed data", [*cls, "--data", str(tmp / "malformed.jsonl")], "malformed JSON"),
+        ("empty data", [*cls, "--data", str(tmp / "empty.jsonl")], "empty"),
+        ("label missing in a row", [*cls, "--data", str(tmp / "nolabel.jsonl")], "missing required field 'label'"),
+        ("palette exists", [*cls, "--data", str(good), "--out", str(tmp / "exists")], "--overwrite"),
+        ("anchors swapped", [*cls, "--data", str(good), "--small", "tiny-large", "--large", "tiny-small"], "swap"),
+        ("unknown anchor", [*cls, "--data", str(good), "--small", "no-such-model"], "cannot load anchor"),
+        ("lr out of range", [*cls, "--data", str(good), "--lr", "-1"], "--lr"),
+        ("eta out of range", [*cls, "--data", str(good), "--eta", "1.5"], "--eta"),
+        ("bad choice", [*cls, "--data", str(good), "--sampling", "greedy"], "invalid choice"),
+        ("not a number", [*cls, "--data", str(good), "--steps", "many"], "--steps"),
+        ("wrong built-in for task", ["--task", "chat", "--data", "bbcnews"], "classify data set"),
+        ("resume without checkpoint", [*cls, "--data", str(good), "--resume"], "no checkpoint"),
+    ]
+
+
+@pytest.mark.slow
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path):
+    cases = _bad_cases(tmp_path)
+    procs = []
+    for name, args, _ in cases:
+        out = [] if "--out" in args else ["--out", str(tmp_path / f"out-{len(procs)}")]
+        cmd = [sys.executable, str(SCRIPT), *TINY, "--steps", "2", "--no-progress", *out, *args]
+        procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if len(procs) % 3 == 0:  # a few at a time: 2 shared cores
+            procs[-3].wait()
+    for (name, args, needle), p in zip(cases, procs):
+        stdout, stderr = p.communicate(timeout=300)
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert p.returncode != 0, name
+        assert len(lines) == 1, f"{name}: {stderr!r}"
+        assert "error" in lines[0] and needle in lines[0], f"{name}: {lines[0]}"
+    assert sorted(x.name for x in tmp_path.iterdir() if not x.name.endswith(".jsonl")) == ["exists"]
+    assert [x.name for x in (tmp_path / "exists").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_stitchserve_adapt_subcommand(tmp_path):
+    """The console script finds `adapt` through the entry point and reports errors in one line."""
+    pytest.importorskip("stitchlib.cli")
+    cmd = [sys.executable, "-m", "stitchlib.cli", "adapt", *TINY, "--task", "classify", "--data",
+           str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "p")]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "no such data file" in lines[0], p.stderr
+    h = subprocess.run([sys.executable, "-m", "stitchlib.cli", "adapt", "--help"], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert h.returncode == 0 and "--adapt-anchors-first" in h.stdout
+
+
+def test_bias_rows_of_stitches_that_did_not_run_stay_put(tmp_path):
+    """Per-stitch biases share one table per layer; Adam must not move the rows of idle stitches."""
+    from training.task_data import load_examples
+    from training.trainer import Trainer
+
+    cfg = config(tmp_path, write_classify(tmp_path / "d.jsonl", n=40), "classify", steps=6, eval_size=8)
+    t = Trainer(cfg)
+    t.setup(load_examples(cfg))
+    t.calibrate()
+    table = t.model.pst_large[-1].ssb  # last large block: every route but the small anchor runs it
+    for _ in range(4):
+        before = table.detach().clone()
+        sid = t.train_step()["stitch"]
+        moved = {t.model.stitches[i].id for i in range(len(before)) if not torch.equal(before[i], table[i])}
+        expected = {"large"} | ({sid} if sid != "small" else set())
+        assert moved == expected
