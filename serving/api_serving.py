@@ -219,7 +219,7 @@ class OpenAIServing:
             max_tokens=req.requested_max_tokens(),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            seed=req.seed, stop=req.stop or [], budget=budget[0], strict=budget[1])
+            seed=req.seed, stop=req.stop or [], budget=budget[0], strict=budget[1], stream=req.stream)
         gen = ref.handle.options(stream=True).generate.remote(inp.model_dump(mode="json"))
         first = await self._first(gen, deadline, ref.name)
         if isinstance(first, ServingError):
@@ -322,7 +322,7 @@ class OpenAIServing:
                         yield chunk(item["text"], stitch=card if first_delta else None)
                         first_delta = False
                     elif item["type"] == "final":
-                        yield chunk("" if chat else "", item["finish_reason"], stitch=card)
+                        yield chunk(None if chat else "", item["finish_reason"], stitch=card)
                         if include_usage:
                             yield chunk(None, usage=UsageInfo(**item["usage"]), empty=True)
                 finished = True

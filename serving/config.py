@@ -142,6 +142,9 @@ class PaletteDeploymentConfig(_Strict):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_concurrent_batches: int = Field(2, ge=1, description="per stitch; steps interleave on one thread")
+    stream_interval_s: float = Field(0.02, ge=0, description="streamed deltas are coalesced to at most one per "
+                                                             "interval (the first is sent at once): each item "
+                                                             "crossing Ray costs about a millisecond of CPU")
     # limits
     max_prompt_tokens: int | None = Field(None, ge=1, description="default: the palette's context")
     default_max_tokens: int = Field(64, ge=1)

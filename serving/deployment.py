@@ -175,7 +175,8 @@ class PaletteServer:
         cands = self._candidates(prompt_tokens=prompt_tokens, max_tokens=max_tokens, rows=rows)
         decision = select_stitch(cands, budget, strict=strict, percent_basis=self.cfg.percent_basis)
         if isinstance(decision, NoStitchFits):
-            return error_value(422, decision.message, type="budget_not_met", param="X-Compute-Budget")
+            return error_value(422, decision.message, type="budget_not_met", param="X-Compute-Budget",
+                               headers={"X-Budget-Met": "false"})
         return decision, budget
 
     def _card(self, d: RouteDecision, budget: Budget) -> StitchCard:
@@ -289,6 +290,11 @@ class PaletteServer:
         n_out, last_tok, t_first, t_prev = 0, None, None, None
         itl: list[float] = []
         finish = None
+        # Deltas are coalesced: every item crossing Ray to the ingress costs CPU on the replica, so a
+        # stream sends the first delta at once and then at most one per stream_interval_s; a plain
+        # request sends its text in one piece.
+        pending: list[str] = []
+        sent_any, last_sent = False, 0.0
         try:
             async for tok in self._gen_batchers[sid](row):
                 now = time.perf_counter()
@@ -301,16 +307,20 @@ class PaletteServer:
                 last_tok = tok
                 delta = detok.push(tok)
                 if delta:
-                    yield {"type": "delta", "text": delta}
+                    pending.append(delta)
                 if detok.stopped:
                     finish = "stop"
                     break
+                if pending and req.stream and (not sent_any or now - last_sent >= self.cfg.stream_interval_s):
+                    yield {"type": "delta", "text": "".join(pending)}
+                    pending.clear()
+                    sent_any, last_sent = True, now
             if finish is None:
                 stopped_early = last_tok in self.engine.eos_ids or n_out < max_tokens
                 finish = "stop" if stopped_early else "length"
-            tail = detok.flush()
-            if tail:
-                yield {"type": "delta", "text": tail}
+            pending.append(detok.flush())
+            if "".join(pending):
+                yield {"type": "delta", "text": "".join(pending)}
             yield {"type": "final", "finish_reason": finish,
                    "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out,
                              "total_tokens": len(ids) + n_out}}

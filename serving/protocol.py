@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -319,6 +319,7 @@ class GenerateInput(BaseModel):
     stop: list[str] = Field(default_factory=list)
     budget: str | None = None  # header text; the replica parses (it was validated at the ingress)
     strict: bool = False
+    stream: bool = True  # False: the replica sends the text in one piece (one Ray item, not one per token)
 
     @model_validator(mode="after")
     def _one_source(self) -> "GenerateInput":
@@ -333,6 +334,3 @@ class ClassifyInput(BaseModel):
     budget: str | None = None
     strict: bool = False
 
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json", exclude_none=False)

@@ -216,6 +216,7 @@ def test_nothing_fits_cheapest_or_422(http, stitches):
     assert r.headers["x-budget-met"] == "false" and r.headers["x-stitch-id"] == stitches[0]["id"]
     r = _route(http, "1k", policy="strict")
     assert r.status_code == 422 and r.json()["error"]["type"] == "budget_not_met"
+    assert r.headers["x-budget-met"] == "false" and GRAMMAR not in r.json()["error"]["message"]
     assert _route(http, "1B", policy="strict").status_code == 200
 
 
