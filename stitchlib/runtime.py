@@ -5,7 +5,6 @@ on-hardware latency profiling. This is the whole surface the serving layer uses.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,31 +116,10 @@ class PaletteRuntime:
         longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
         if longest > self.max_context:
             raise ValueError(f"prompt + max_tokens = {longest} exceeds the context of {self.max_context}")
-        ids, mask = self._left_pad(prompts)
-        n = max(sp.max_tokens for sp in params)
-        stops = [self._eos | set(sp.stop_token_ids) for sp in params]
-        done = [False] * len(prompts)
-        produced = [0] * len(prompts)
-        stream = self.model.stream(ids, stitch_id, mask, max_new_tokens=n,
-                                   temperature=torch.tensor([sp.temperature for sp in params]),
-                                   top_p=torch.tensor([sp.top_p for sp in params]),
-                                   seeds=[sp.seed for sp in params])
-        try:
-            for tok in stream:
-                out: list[int | None] = []
-                for i, t in enumerate(tok.tolist()):
-                    if done[i]:
-                        out.append(None)
-                        continue
-                    out.append(t)
-                    produced[i] += 1
-                    if t in stops[i] or produced[i] >= params[i].max_tokens:
-                        done[i] = True
-                yield out
-                if all(done):
-                    return
-        finally:
-            stream.close()
+        # Static-cache engine: mixed-stitch continuous batching, CUDA graphs on GPU (stitchlib.engine).
+        from .engine.pool import generate_steps
+
+        yield from generate_steps(self, prompts, stitch_id, params)
 
     # ---- classification -----------------------------------------------------------------------
     @torch.no_grad()
@@ -166,32 +144,8 @@ class PaletteRuntime:
                 batch_sizes: tuple[int, ...] = (1,)) -> dict[str, StitchProfile]:
         """Measure on this hardware: prefill seconds per prompt token and seconds per decode step
         at each batch size (median of `decode_steps` steps, after one warm-up)."""
-        ids_all = stitch_ids or [s.id for s in self.stitches]
+        from .engine.profile import profile_stitches
+
         vocab = min(len(self.tokenizer), self.model.small_anchor.stats.vocab_size)
-        g = torch.Generator().manual_seed(0)
-        out: dict[str, StitchProfile] = {}
-        for sid in ids_all:
-            decode: dict[int, float] = {}
-            prefill = 0.0
-            for bs in batch_sizes:
-                ids = torch.randint(0, vocab, (bs, prompt_len), generator=g).to(self.device)
-                for warm in (True, False):
-                    cache = self.model.new_cache()
-                    self._sync()
-                    t0 = time.perf_counter()
-                    logits = self.model(ids, sid, None, cache)
-                    self._sync()
-                    t_pre = time.perf_counter() - t0
-                    tok = logits[:, -1].argmax(-1, keepdim=True)
-                    one = torch.ones(bs, 1, dtype=torch.long, device=self.device)
-                    steps = []
-                    for _ in range(1 if warm else decode_steps):
-                        t0 = time.perf_counter()
-                        tok = self.model(tok, sid, one, cache)[:, -1].argmax(-1, keepdim=True)
-                        self._sync()
-                        steps.append(time.perf_counter() - t0)
-                if bs == batch_sizes[0]:
-                    prefill = t_pre / (bs * prompt_len)
-                decode[bs] = sorted(steps)[len(steps) // 2]
-            out[sid] = StitchProfile(prefill_s_per_token=prefill, decode_step_s=decode)
-        return out
+        return profile_stitches(self.model, stitch_ids or [s.id for s in self.stitches], prompt_len=prompt_len,
+                                decode_steps=decode_steps, batch_sizes=tuple(batch_sizes), vocab=vocab)

@@ -300,3 +300,9 @@ def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
     assert pool_for(rt)._idle == [engine]  # reused, not rebuilt
     ref = rt.model.generate(torch.tensor([ids]), "s1-l2", max_new_tokens=6)[0].tolist()
     assert [s[0] for s in steps] == ref
+    # two calls in flight at once get separate engines: interleaving them changes nothing
+    g1 = rt.generate_steps([ids], "s1-l2", [_greedy(6)])
+    g2 = rt.generate_steps([ids[:3]], "large", [_greedy(6)])
+    both = [(next(g1)[0], next(g2)[0]) for _ in range(6)]
+    assert [a for a, _ in both] == ref
+    assert [b for _, b in both] == rt.model.generate(torch.tensor([ids[:3]]), "large", max_new_tokens=6)[0].tolist()

@@ -71,16 +71,13 @@ class StaticKVCache:
         torch.compile specialise (and recompile) the block call once per layer."""
         kb, vb = self.kb, self.vb
         rows, pos = self.rows, self.pos
-        if isinstance(rows, slice):
-            kb, vb = kb[rows], vb[rows]  # views: writes land in the buffer, reads copy nothing
-            r = self._arange[: k.shape[0], None]  # [b, 1]
-        else:
-            r = rows[:, None]
+        # Index the whole buffer (never a view of it) when writing: under torch.compile a mutated
+        # view of a graph input may be written back whole, a plain index_put stays in place.
+        r = self._arange[rows, None] if isinstance(rows, slice) else rows[:, None]  # [b, 1] absolute slots
         # Advanced indices around a slice put (b, T) first: the value is [b, T, H_kv, D].
         kb[r, :, pos] = k.transpose(1, 2)
         vb[r, :, pos] = v.transpose(1, 2)
-        if isinstance(rows, slice):
-            return kb[:, :, : self.kv_len], vb[:, :, : self.kv_len]
+        # A slice of rows reads a view (no copy); an index tensor gathers.
         return kb[rows, :, : self.kv_len], vb[rows, :, : self.kv_len]
 
     @torch.no_grad()

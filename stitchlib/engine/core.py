@@ -29,7 +29,7 @@ from ..sampling import make_generator, top_p_filter
 from ..space import Stitch
 from .cache import StaticKVCache
 from .plan import RoutePlan, build_plan
-from .runner import StitchRunner, call_layer
+from .runner import StitchRunner, call_layer, model_lock
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class StitchEngine:
         self.device = model.small_anchor.device
         self.dtype = model.small_anchor.dtype
         self.eos = frozenset(eos_token_ids)
+        self._lock = model_lock(model)
         served = [model.get(s) for s in cfg.stitches] if cfg.stitches else list(model.stitches)
         self.served = {s.id for s in served}
         S, L = model.small_anchor, model.large_anchor
@@ -110,6 +111,7 @@ class StitchEngine:
         self._plans: OrderedDict[tuple[int, ...], RoutePlan] = OrderedDict()
         use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
         self.graphs = None
+        self.graph_error: str | None = None
         if use_graphs:
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.runner, self.tokens, self.lengths, max_graphs=cfg.max_graphs)
@@ -212,11 +214,20 @@ class StitchEngine:
         n = len(self.rows)
         plan = self._plan(tuple(r.key for r in self.rows))
         kv_len = self._kv_len(max(r.length for r in self.rows) + 1)
-        if self.graphs is not None:
-            logits = self.graphs.run(plan, kv_len)
-        else:
-            logits = self.runner.forward(self.tokens[:n, None], self.lengths[:n, None], slice(0, n), plan, kv_len)
-        tok = self._sample(logits, self.rows)
+        with self._lock:
+            logits = None
+            if self.graphs is not None:
+                try:
+                    logits = self.graphs.run(plan, kv_len)
+                except RuntimeError as e:  # capture not supported by some op here: serve eagerly, loudly
+                    log.error("CUDA graph capture failed (%s: %s); decoding without graphs from now on",
+                              type(e).__name__, e)
+                    self.graph_error = f"{type(e).__name__}: {e}"
+                    self.graphs = None
+            if logits is None:
+                logits = self.runner.forward(self.tokens[:n, None], self.lengths[:n, None], slice(0, n), plan,
+                                             kv_len)
+            tok = self._sample(logits, self.rows)
         self.tokens[:n] = tok
         self.lengths[:n] += 1
         for r in self.rows:
@@ -295,8 +306,9 @@ class StitchEngine:
         cache_rows = (slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1))
                       else torch.tensor(rows, dtype=torch.long, device=self.device))
         plan = self._plan(tuple(r.key for r in reqs))
-        logits = self.runner.forward(ids, pos, cache_rows, plan, self._kv_len(T), last=plen - 1)
-        tok = self._sample(logits, reqs)
+        with self._lock:
+            logits = self.runner.forward(ids, pos, cache_rows, plan, self._kv_len(T), last=plen - 1)
+            tok = self._sample(logits, reqs)
         self.tokens[cache_rows] = tok
         self.lengths[cache_rows] = plen
         for r, t in zip(reqs, tok.tolist()):

@@ -6,10 +6,11 @@ step after; the inputs (last tokens and positions) are read from the engine's pe
 buffers, and the cache binding is baked into the graph. A composition change (a request joins,
 leaves or moves) captures a new graph; graphs are kept in an LRU.
 
-`compile_layer_fn` compiles the one function that calls an HF decoder block. Every block of an
-anchor shares the code, so dynamo compiles it once per anchor and input shape and reuses it for
-all blocks; inductor fuses the norms, rotary and elementwise glue that otherwise cost one kernel
-each. It is compiled without cudagraphs (`mode="max-autotune-no-cudagraphs"` or default): the
+`compile_layer_fn` compiles the one function that calls an HF decoder block. Every block shares the
+code (the cache binds each block's buffers, so no per-layer int is traced), and shapes are dynamic
+(rows, attention span, hidden size), so dynamo compiles it a couple of times (batch 1 is
+specialised) and reuses it for every block of both anchors; inductor fuses the norms, rotary and
+elementwise glue that otherwise cost one kernel each. It is compiled without cudagraphs (`mode="max-autotune-no-cudagraphs"` or default): the
 whole step is captured by `DecodeGraphs` instead, which keeps weights and caches as they are.
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def compile_layer_fn(mode: str | None = None) -> Callable:
+    if mode in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"compile mode {mode!r} captures its own CUDA graphs (copying inputs every call); "
+                         "use None, 'default' or 'max-autotune-no-cudagraphs': DecodeGraphs captures the step")
     import torch._dynamo
 
     # One compiled graph per (anchor layer class, shapes): allow enough entries for every
@@ -35,7 +39,7 @@ def compile_layer_fn(mode: str | None = None) -> Callable:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    return torch.compile(call_layer, mode=mode, dynamic=None, fullgraph=False)
+    return torch.compile(call_layer, mode=mode, dynamic=True, fullgraph=False)
 
 
 @dataclass

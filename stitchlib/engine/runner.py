@@ -9,6 +9,8 @@ rotary embeddings and the anchor's `StaticKVCache`.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -16,6 +18,20 @@ import torch
 from ..model import StitchedLM
 from .cache import Sel, StaticKVCache, compose
 from .plan import RoutePlan
+
+
+_locks: "weakref.WeakKeyDictionary[StitchedLM, threading.RLock]" = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(model: StitchedLM) -> threading.RLock:
+    """One lock per model: `model.route.slots` is shared state, so forwards of engines over the same
+    model (e.g. concurrent `generate_steps` calls) must not interleave."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = threading.RLock()
+        return lock
 
 
 def call_layer(layer, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
@@ -65,7 +81,7 @@ class StitchRunner:
             return h
 
         try:
-            h = self.S.embed(tokens)  # [B, T, dS]
+            h = self.S.embed(tokens) if plan.small_blocks else None  # [B, T, dS]
             if plan.small_blocks:
                 pe = self.S.rotary(h, pos)
                 for i, g in plan.small_blocks:
@@ -85,22 +101,16 @@ class StitchRunner:
 
     def _heads(self, h: torch.Tensor, hl: torch.Tensor | None, plan: RoutePlan, B: int,
                last: torch.Tensor | None) -> torch.Tensor:
-        """Final norm and LM head on the wanted token of every row only."""
-        parts = []
-        if plan.small_head is not None:
-            parts.append((plan.groups[plan.small_head].sel, h, self.S))
-        if plan.large_head is not None:
-            parts.append((plan.groups[plan.large_head].sel, hl, self.L))
+        """Final norm and LM head on the wanted token of every row only: [B, V]."""
+        parts = [(g, x, anchor) for g, x, anchor in ((plan.small_head, h, self.S), (plan.large_head, hl, self.L))
+                 if g is not None]
         out = None
-        for sel, x, anchor in parts:
+        for g, x, anchor in parts:
+            sel = plan.groups[g].sel
             x = x[sel]
-            if last is None:
-                x = x[:, -1]
-            else:
-                li = last[sel]
-                x = x[torch.arange(x.shape[0], device=x.device), li]
+            x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last[sel]]
             logits = anchor.lm_head(anchor.norm(x))  # [b, V]
-            if len(parts) == 1 and plan.groups[plan.small_head if anchor is self.S else plan.large_head].n == B:
+            if plan.groups[g].n == B:  # every row ends in this anchor
                 return logits
             if out is None:
                 out = logits.new_empty(B, logits.shape[-1])
