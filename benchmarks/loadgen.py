@@ -162,7 +162,7 @@ async def drive(run: Run, *, app: str | None, max_requests: int, max_time: float
             run.samples.append(Sample(time.monotonic() - t0, concurrency, inflight, running, starting))
             try:
                 await asyncio.wait_for(stop_all.wait(), sample_every)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
 
     async def worker(client: httpx.AsyncClient, phase_idx: int, phase_end: float) -> None:

@@ -101,6 +101,24 @@ def stitch_headers(card: StitchCard) -> dict[str, str]:
             "X-Stitch-Latency-Ms": f"{card.latency_ms:.3f}", "X-Budget-Met": "true" if card.budget_met else "false"}
 
 
+def _cancelled_types() -> tuple[type[BaseException], ...]:
+    """What a cancelled request looks like from inside the ingress: asyncio's CancelledError, or, when
+    Serve cancelled the downstream call first (it propagates a parent's cancellation), Serve's own."""
+    from ray.exceptions import TaskCancelledError
+    from ray.serve.exceptions import RequestCancelledError
+
+    return asyncio.CancelledError, RequestCancelledError, TaskCancelledError
+
+
+async def _next_before(gen: Any, deadline: float) -> dict[str, Any] | None:
+    """The next item of a replica's response stream, None at its end; asyncio.TimeoutError past the
+    deadline (monotonic clock). Per item rather than `asyncio.timeout` so that Python 3.10 works."""
+    try:
+        return await asyncio.wait_for(gen.__anext__(), max(deadline - time.monotonic(), 0.0))
+    except StopAsyncIteration:
+        return None
+
+
 def sse(obj: BaseModel | dict[str, Any]) -> str:
     data = obj.model_dump_json(exclude_none=True) if isinstance(obj, BaseModel) else json.dumps(obj)
     return f"data: {data}\n\n"
@@ -236,17 +254,16 @@ class OpenAIServing:
         text: list[str] = []
         final: dict[str, Any] | None = None
         try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                async for item in gen:
-                    if item["type"] == "delta":
-                        text.append(item["text"])
-                    elif item["type"] == "final":
-                        final = item
-        except TimeoutError:
+            while (item := await _next_before(gen, deadline)) is not None:
+                if item["type"] == "delta":
+                    text.append(item["text"])
+                elif item["type"] == "final":
+                    final = item
+        except asyncio.TimeoutError:
             gen.cancel()
             return self.fail(ServingError(504, f"request timed out after {timeout:g}s", type="timeout",
                                           model=ref.name, stitch=card.id))
-        except asyncio.CancelledError:
+        except _cancelled_types():
             gen.cancel()
             self.record(ref.name, card.id, 499, card.budget_met)
             raise
@@ -273,23 +290,23 @@ class OpenAIServing:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                return await gen.__anext__()
+            first = await _next_before(gen, deadline)
+            if first is None:
+                return ServingError(500, "the model replica returned nothing", type="internal_error", model=model)
+            return first
         except BackPressureError:
             return ServingError(503, "the queue is full; retry later", type="queue_full",
                                 headers={"Retry-After": "1"}, model=model)
         except DeploymentUnavailableError as e:
             return ServingError(503, f"model {model!r} is unavailable: {e}", type="unavailable",
                                 headers={"Retry-After": "5"}, model=model)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             gen.cancel()
             return ServingError(504, "request timed out before generation started", type="timeout", model=model)
-        except asyncio.CancelledError:
+        except _cancelled_types():
             gen.cancel()
             self.record(model, NO_STITCH, 499)
             raise
-        except StopAsyncIteration:
-            return ServingError(500, "the model replica returned nothing", type="internal_error", model=model)
         except Exception as e:  # a replica that failed: a JSON error, not a bare 500 page
             log.exception("palette replica failed")
             return ServingError(500, f"the model replica failed: {type(e).__name__}: {e}", type="internal_error",
@@ -313,24 +330,23 @@ class OpenAIServing:
         status: int | str = 200
         finished = False
         try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                if chat:
-                    yield chunk("", role=True, stitch=card)
-                first_delta = not chat
-                async for item in gen:
-                    if item["type"] == "delta":
-                        yield chunk(item["text"], stitch=card if first_delta else None)
-                        first_delta = False
-                    elif item["type"] == "final":
-                        yield chunk(None if chat else "", item["finish_reason"], stitch=card)
-                        if include_usage:
-                            yield chunk(None, usage=UsageInfo(**item["usage"]), empty=True)
-                finished = True
+            if chat:
+                yield chunk("", role=True, stitch=card)
+            first_delta = not chat
+            while (item := await _next_before(gen, deadline)) is not None:
+                if item["type"] == "delta":
+                    yield chunk(item["text"], stitch=card if first_delta else None)
+                    first_delta = False
+                elif item["type"] == "final":
+                    yield chunk(None if chat else "", item["finish_reason"], stitch=card)
+                    if include_usage:
+                        yield chunk(None, usage=UsageInfo(**item["usage"]), empty=True)
+            finished = True
             yield "data: [DONE]\n\n"
-        except TimeoutError:
+        except asyncio.TimeoutError:
             status = 504
             yield sse(ErrorResponse(error=ErrorInfo(message="request timed out", type="timeout", code=504)))
-        except asyncio.CancelledError:  # the client went away: stop the generation, free its slot
+        except _cancelled_types():  # the client went away: stop the generation, free its slot
             status = 499
             raise
         except Exception as e:
@@ -369,11 +385,11 @@ class OpenAIServing:
         except BackPressureError:
             return self.fail(ServingError(503, "the queue is full; retry later", type="queue_full",
                                           headers={"Retry-After": "1"}, model=ref.name))
-        except TimeoutError:
+        except asyncio.TimeoutError:
             resp.cancel()
             return self.fail(ServingError(504, f"request timed out after {timeout:g}s", type="timeout",
                                           model=ref.name))
-        except asyncio.CancelledError:
+        except _cancelled_types():
             resp.cancel()
             self.record(ref.name, NO_STITCH, 499)
             raise
@@ -396,7 +412,7 @@ class OpenAIServing:
         try:
             infos = await asyncio.wait_for(asyncio.gather(*(p.handle.info.remote() for p in self.palettes.values())),
                                            timeout=30)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
         return ModelList(data=[ModelCard(id=name, task=i["task"], labels=i["labels"], max_context=i["max_context"],
                                          stitches=i["stitches"]) for name, i in zip(self.palettes, infos)])
@@ -410,7 +426,7 @@ class OpenAIServing:
             refs = [self.palettes[model]]
         try:
             lists = await asyncio.wait_for(asyncio.gather(*(p.handle.stitches.remote() for p in refs)), timeout=30)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
         return StitchList(data=[StitchStatus.model_validate(s) for lst in lists for s in lst])
 

@@ -114,6 +114,8 @@ class PaletteServer:
         profiles = await self.engine.profile(prompt_len=prof.prompt_len, decode_steps=prof.decode_steps,
                                              batch_sizes=tuple(prof.batch_sizes))
         self.profiles = profiles
+        if self.task == "chat":
+            await self._warm_up()
         self.tracker = LatencyTracker(
             {sid: (p.prefill_s_per_token, p.decode_step_s) for sid, p in profiles.items()},
             max_batch_size=self.cfg.max_batch_size, max_concurrent_batches=self.cfg.max_concurrent_batches,
@@ -135,6 +137,16 @@ class PaletteServer:
         self._record_scheduler()
         log.info("palette %s (%s): %d stitches profiled in %.1fs", self.model, self.task, len(profiles),
                  time.perf_counter() - t0)
+
+    async def _warm_up(self) -> None:
+        """One short generation before taking traffic: the runtime builds its decode engine (caches,
+        graphs) on first use, which should not land on the first request or on the EWMA."""
+        from stitchlib.runtime import SamplingParams
+
+        rows = [GenerationRow("warm-up", self.engine.encode("warm up")[:8] or [0],
+                              SamplingParams(max_tokens=2, temperature=0.0))]
+        async for _ in self.engine.generate(rows, self.engine.stitches[0].id):
+            pass
 
     # ---- metrics helpers -------------------------------------------------------------------------
     def _record_latency(self, sid: str) -> None:

@@ -299,6 +299,15 @@ def _cancelled_and_tokens(http, m0, sid, statuses=("499",)):
     return (cancelled, toks) if cancelled >= 1 else None
 
 
+def _status_deltas(http, m0, sid) -> dict:
+    """For failure messages: every requests_total / generation_tokens change on `sid` since `m0`."""
+    m = metrics(http)
+    keys = {(n, lab) for (n, lab) in m if n in ("stitchserve_requests_total", "stitchserve_generation_tokens_total")
+            and dict(lab).get("stitch") == sid}
+    return {(n, dict(lab).get("status")): m[(n, lab)] - m0.get((n, lab), 0) for n, lab in keys
+            if m[(n, lab)] != m0.get((n, lab), 0)}
+
+
 def test_request_timeout_cancels(http, stitches):
     # Ray's proxy owns x-request-timeout-seconds (DESIGN pitfall): it answers 408 and cancels the request
     # down the chain; the ingress applies the same header (and its configured timeout, 504) itself.
@@ -307,12 +316,12 @@ def test_request_timeout_cancels(http, stitches):
     r = http.post("/v1/chat/completions", json={"model": CHAT, "messages": HI, "max_tokens": 900},
                   headers={"x-request-timeout-seconds": "0.3",
                            "X-Compute-Budget": f"{stitches[3]['params'] / 1e3 + 1:.0f}k"})
-    assert r.status_code in (408, 504), r.text
+    assert r.status_code in (408, 504), (r.status_code, r.text)
     # the timed-out generation was cancelled: the replica drains back to idle, well short of 900 tokens
     assert wait_for(lambda: http.get("/ready").json()["models"][0]["inflight"] == 0, timeout=10)
     # whichever timer fired first (Ray's 408 cancels the ingress: 499; the ingress's own: 504)
     res = wait_for(lambda: _cancelled_and_tokens(http, m0, sid, ("499", "504")), timeout=15)
-    assert res is not None and res[0] == 1 and res[1] < 900, res
+    assert res is not None and res[0] == 1 and res[1] < 900, (res, _status_deltas(http, m0, sid))
 
 
 def test_queue_full_503_with_retry_after(served, http):
@@ -398,7 +407,7 @@ def test_disconnect_stops_generation(served, http, stitches):
 
     res = wait_for(lambda: (lambda x: x if x and x[1] > 0 else None)(_cancelled_and_tokens(http, m0, sid)),
                    timeout=15)
-    assert res is not None, "the disconnect was not recorded"
+    assert res is not None, ("the disconnect was not recorded", _status_deltas(http, m0, sid))
     cancelled, toks = res
     print(f"disconnect: slot freed after {freed_after:.2f}s, {toks:.0f} tokens generated of 950")
     assert cancelled == 1
