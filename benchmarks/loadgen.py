@@ -268,7 +268,8 @@ def write_outputs(run: Run, summary: dict, out: Path, meta: dict) -> None:
 
     lines = [
         "# stitchserve autoscaling run", "",
-        f"- when: {meta['when']}; machine: {meta['machine']}",
+        f"- when: {meta['when']}; machine: {meta['machine']}; 1-min load average {meta['loadavg_before']} before, "
+        f"{meta['loadavg_after']} after",
         f"- app: `{meta['config']}`, model `{run.model}`, deployment `{run.deployment}`",
         f"- autoscaling_config: `{json.dumps(meta.get('autoscaling'))}`",
         f"- bounds: {meta['max_requests']} requests, {meta['max_time_s']} s; loopback {run.url}",
@@ -373,12 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--model is required without --start-local")
     run = Run(url, model, args.deployment or deployment, phases)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{os.cpu_count()} CPUs",
+            "loadavg_before": round(os.getloadavg()[0], 2),
             "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
             "autoscaling": autoscaling, "max_requests": args.max_requests, "max_time_s": args.max_time,
             "max_tokens": args.max_tokens, "budget": args.budget, "comment": args.comment}
     print(f"loadgen: {url} model {model}, phases {args.phases}", flush=True)
     asyncio.run(drive(run, app=app, max_requests=args.max_requests, max_time=args.max_time,
                       max_tokens=args.max_tokens, budget=args.budget, api_key=args.api_key))
+    meta["loadavg_after"] = round(os.getloadavg()[0], 2)  # 1-minute load: other jobs share the machine
     summary = summarize(run)
     write_outputs(run, summary, args.out, meta)
     print(json.dumps({k: v for k, v in summary.items() if k != "phases"}, indent=1))
