@@ -110,11 +110,34 @@ def _cancelled_types() -> tuple[type[BaseException], ...]:
     return asyncio.CancelledError, RequestCancelledError, TaskCancelledError
 
 
-async def _next_before(gen: Any, deadline: float) -> dict[str, Any] | None:
-    """The next item of a replica's response stream, None at its end; asyncio.TimeoutError past the
-    deadline (monotonic clock). Per item rather than `asyncio.timeout` so that Python 3.10 works."""
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" noise
+
+
+async def _await_before(awaitable: Any, deadline: float) -> Any:
+    """Await a Serve response until `deadline` (monotonic clock), else asyncio.TimeoutError.
+
+    Not `asyncio.wait_for` / `asyncio.timeout`: both cancel the pending await, and Serve's responses
+    (e.g. `DeploymentResponseGenerator.__anext__`) do not give up on cancellation, so they would wait
+    for the result anyway (the whole generation for a plain request). Here the caller gets control back
+    at the deadline and cancels the request through Serve (`.cancel()`), which reaches the replica."""
+    task = asyncio.ensure_future(awaitable)
     try:
-        return await asyncio.wait_for(gen.__anext__(), max(deadline - time.monotonic(), 0.0))
+        done, _ = await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.0))
+    except BaseException:
+        task.add_done_callback(_retrieve)
+        raise
+    if not done:
+        task.add_done_callback(_retrieve)
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+async def _next_before(gen: Any, deadline: float) -> dict[str, Any] | None:
+    """The next item of a replica's response stream, None at its end (see `_await_before`)."""
+    try:
+        return await _await_before(gen.__anext__(), deadline)
     except StopAsyncIteration:
         return None
 
@@ -381,7 +404,7 @@ class OpenAIServing:
         inp = ClassifyInput(request_id=rid, texts=req.input, budget=budget[0], strict=budget[1])
         resp = ref.handle.classify.remote(inp.model_dump(mode="json"))
         try:
-            out = await asyncio.wait_for(resp, timeout)
+            out = await _await_before(resp, time.monotonic() + timeout)
         except BackPressureError:
             return self.fail(ServingError(503, "the queue is full; retry later", type="queue_full",
                                           headers={"Retry-After": "1"}, model=ref.name))
@@ -410,8 +433,8 @@ class OpenAIServing:
     # ---- introspection ------------------------------------------------------------------------------
     async def models(self) -> ModelList | ServingError:
         try:
-            infos = await asyncio.wait_for(asyncio.gather(*(p.handle.info.remote() for p in self.palettes.values())),
-                                           timeout=30)
+            infos = await _await_before(asyncio.gather(*(p.handle.info.remote() for p in self.palettes.values())),
+                                        time.monotonic() + 30)
         except asyncio.TimeoutError:
             return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
         return ModelList(data=[ModelCard(id=name, task=i["task"], labels=i["labels"], max_context=i["max_context"],
@@ -425,7 +448,8 @@ class OpenAIServing:
                                     type="model_not_found", param="model")
             refs = [self.palettes[model]]
         try:
-            lists = await asyncio.wait_for(asyncio.gather(*(p.handle.stitches.remote() for p in refs)), timeout=30)
+            lists = await _await_before(asyncio.gather(*(p.handle.stitches.remote() for p in refs)),
+                                        time.monotonic() + 30)
         except asyncio.TimeoutError:
             return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
         return StitchList(data=[StitchStatus.model_validate(s) for lst in lists for s in lst])
@@ -433,7 +457,7 @@ class OpenAIServing:
     async def ready(self, timeout_s: float = 5.0) -> tuple[bool, dict[str, Any]]:
         async def one(p: PaletteRef) -> dict[str, Any]:
             try:
-                return await asyncio.wait_for(p.handle.ready.remote(), timeout_s)
+                return await _await_before(p.handle.ready.remote(), time.monotonic() + timeout_s)
             except Exception as e:
                 return {"model": p.name, "ready": False, "error": f"{type(e).__name__}: {e}"}
 

@@ -459,3 +459,19 @@ def test_metrics_show_what_was_sent(http, stitches):
 def test_ray_export_port_has_raw_metrics(served):
     fam = scrape(httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10).text)
     assert any(n.startswith("ray_stitchserve_requests_total") for n, _ in fam)
+
+
+def test_observed_steps_correct_the_profile(http, stitches):
+    """After traffic, each stitch's estimate is its start-up profile times the EWMA of observed/profiled."""
+    sid = stitches[1]["id"]
+    budget = f"{stitches[1]['params'] / 1e3 + 1:.0f}k"
+    for _ in range(2):
+        assert _route(http, budget).headers["x-stitch-id"] == sid
+    assert wait_for(lambda: http.get("/ready").json()["models"][0]["inflight"] == 0, timeout=10)
+    now = {s["id"]: s for s in http.get("/v1/stitches", params={"model": CHAT}).json()["data"]}
+    s = now[sid]
+    assert s["correction"] != 1.0  # observed step times moved it
+    assert s["decode_step_s"] == stitches[1]["decode_step_s"]  # the profile itself is kept
+    step1 = min(s["decode_step_s"].items(), key=lambda kv: int(kv[0]))[1]
+    assert s["active_requests"] == 0
+    assert s["latency_ms"] == pytest.approx(s["correction"] * step1 * 1e3, rel=1e-6)  # idle: no load term

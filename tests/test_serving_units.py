@@ -134,3 +134,35 @@ def test_relay_renames_filters_and_merges_nodes():
 def test_buckets_are_1_2_5_in_seconds():
     b = build_buckets(lo_exp=-3, hi_exp=0)
     assert b == [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+
+
+# ---- load generator bounds -----------------------------------------------------------------------------
+def test_loadgen_is_loopback_only_and_bounded():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import loadgen
+
+    loadgen.check_loopback("http://127.0.0.1:8000")
+    loadgen.check_loopback("http://localhost:8000")
+    for url in ["http://10.0.0.5:8000", "https://example.com"]:
+        with pytest.raises(SystemExit, match="loopback only"):
+            loadgen.check_loopback(url)
+    assert [(p.concurrency, p.seconds) for p in loadgen.parse_phases("1:10, 8:45,0:5")] == [(1, 10), (8, 45), (0, 5)]
+    for bad in ["8", "x:1", "1000:5", "2:0"]:
+        with pytest.raises(SystemExit):
+            loadgen.parse_phases(bad)
+    with pytest.raises(SystemExit, match="bounds"):
+        loadgen.main(["--max-requests", str(loadgen.HARD_MAX_REQUESTS + 1)])
+    run = loadgen.Run("http://127.0.0.1:1", "m", "Palette-m", [loadgen.Phase(1, 10), loadgen.Phase(4, 10),
+                                                               loadgen.Phase(0, 10)])
+    run.samples = [loadgen.Sample(t, 0, 0, running, starting) for t, running, starting in
+                   [(0, 1, 0), (12, 1, 1), (15, 2, 0), (21, 2, 0), (25, 1, 0)]]
+    run.requests = [loadgen.RequestRecord(1, 0.5, 200, 0), loadgen.RequestRecord(11, 1.5, 200, 1),
+                    loadgen.RequestRecord(12, 0.1, 503, 1)]
+    s = loadgen.summarize(run)
+    assert (s["replicas_start"], s["replicas_peak"], s["replicas_end"]) == (1, 2, 1)
+    assert s["scale_up_decided_after_load_s"] == 2 and s["scale_up_after_load_s"] == 5
+    assert s["scale_down_after_load_s"] == 5
+    assert s["phases"][1]["ok"] == 1 and s["phases"][1]["errors"] == 1
