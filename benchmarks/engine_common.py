@@ -59,14 +59,20 @@ def median(xs) -> float:
 def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     """Bytes/s of streaming memory: a bf16 reduction (reads N bytes) and a copy (reads N, writes N).
     The floor uses the larger figure, i.e. the stricter target."""
-    n = nbytes // 2
-    x = torch.ones(n, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    x.sum(dtype=torch.float32)
-    y.copy_(x)
-    t_sum = min(timed(lambda: x.sum(dtype=torch.float32), device) for _ in range(repeats))
-    t_copy = min(timed(lambda: y.copy_(x), device) for _ in range(repeats))
-    del x, y
+    bufs = [torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device), torch.empty(nbytes // 2,
+                                                                                       dtype=torch.bfloat16, device=device)]
+
+    def reduce() -> None:
+        bufs[0].sum(dtype=torch.float32)
+
+    def copy() -> None:
+        bufs[1].copy_(bufs[0])
+
+    reduce()
+    copy()
+    t_sum = min(timed(reduce, device) for _ in range(repeats))
+    t_copy = min(timed(copy, device) for _ in range(repeats))
+    bufs.clear()
     read = nbytes / t_sum
     copy = 2 * nbytes / t_copy
     return {"bytes": nbytes, "read_GBps": read / 1e9, "copy_GBps": copy / 1e9, "used_GBps": max(read, copy) / 1e9}

@@ -5,11 +5,13 @@ only torch + transformers (+ this repository).
     python benchmarks/engine_gpu.py --tiny          # the same logic on tiny shapes (CPU is fine), ~30 s
 
 What it does, in order (each part is time-boxed; results are written after every part):
-  0. correctness on the device: tiny fp32 pair with random PST, engine (CUDA graphs, compiled blocks)
-     greedy tokens == reference StitchedLM tokens for every stitch, and in one mixed batch;
+  0. correctness on the device: tiny fp32 pair with random PST, engine (CUDA graphs) greedy tokens ==
+     reference StitchedLM tokens for every stitch alone and in one mixed batch;
   1. builds LLaMA-7B-shape (32 layers, hidden 4096) and 13B-shape (40 layers, hidden 5120) anchors with
      random bf16 weights on the device (LlamaConfig), the StitchedLM over them (39 stitches + 2
      anchors, LoRA merged, PST in bf16) and records resident memory: pair + every stitch vs the pair;
+     1b. torch.compile'd blocks vs eager blocks: one decode step's logits on the real shapes (mixed
+     batch of every stitch, and batch 1); on failure the rest runs with eager blocks + CUDA graphs;
   2. measures memory bandwidth (bf16 reduction and copy, the larger counts);
   3. per-stitch decode step at batch 1 (device-bound bursts and host-synced steps) against the time
      to read the stitch's weights once; checks latency strictly increases with stitch bytes;
@@ -21,11 +23,13 @@ What it does, in order (each part is time-boxed; results are written after every
 Targets checked are listed under "targets" in the JSON.
 
 Setup on the GPU machine: the repository is the working directory. The project pins transformers
-5.23.0; the machine has 5.17. Carry the wheel and put it first on the path if you can
-(`pip install --no-deps --target /tmp/tf transformers-5.23.0-py3-none-any.whl; PYTHONPATH=/tmp/tf`);
-the engine only uses the decoder-layer API (position_embeddings, cache.update(k, v, layer_idx)),
-which part 0 verifies on whatever version is installed. stitchlib uses pydantic; if the machine
-lacks it, a minimal stand-in for the three names stitchlib uses is installed (no validation).
+5.23.0; the machine has 5.17. If `.whl/transformers-5.23.0-py3-none-any.whl` was carried (the
+`.whl/` folder is git-ignored: `pip download transformers==5.23.0 --no-deps -d .whl`, then
+`carry=[".whl"]`), the script installs it into /tmp and re-runs itself with it, provided it imports
+with the machine's other packages; otherwise it runs on the installed version. The engine only uses
+the decoder-layer API (position_embeddings, cache.update(k, v, layer_idx)), and part 0 checks the
+engine against the reference decoder on whatever version runs. stitchlib uses pydantic; if the
+machine lacks it, a minimal stand-in for the three names stitchlib uses is installed (no validation).
 """
 from __future__ import annotations
 
@@ -47,6 +51,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 # ---- environment ------------------------------------------------------------------------------------
+PINNED_TRANSFORMERS = "5.23.0"
+
+
+def use_pinned_transformers(wheel_dir: Path) -> str:
+    """If the installed transformers is not the pinned one and its wheel was carried (in `.whl/`),
+    install it into a private directory and re-run this script with it first on the path. It is
+    used only if it imports cleanly with the machine's other packages; otherwise the installed
+    version is kept (the correctness part checks the layer API the engine relies on)."""
+    import importlib.metadata
+    import subprocess
+
+    have = importlib.metadata.version("transformers")
+    if have == PINNED_TRANSFORMERS or os.environ.get("STITCHSERVE_PINNED_TF") == "1":
+        return f"{have} (installed)" if os.environ.get("STITCHSERVE_PINNED_TF") != "1" else f"{have} (carried wheel)"
+    wheels = sorted(wheel_dir.glob(f"transformers-{PINNED_TRANSFORMERS}-*.whl"))
+    if not wheels:
+        return f"{have} (installed; no carried {PINNED_TRANSFORMERS} wheel in {wheel_dir})"
+    target = Path("/tmp/stitchserve-transformers")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               STITCHSERVE_PINNED_TF="1")
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--upgrade",
+                        "--target", str(target), str(wheels[-1])], check=True, capture_output=True, timeout=180)
+        subprocess.run([sys.executable, "-c", "import transformers.models.llama.modeling_llama"], env=env, check=True,
+                       capture_output=True, timeout=180)
+    except (subprocess.SubprocessError, OSError) as e:
+        return f"{have} (installed; carried {PINNED_TRANSFORMERS} unusable here: {type(e).__name__})"
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)  # does not return
+
+
 def ensure_pydantic() -> str:
     """stitchlib's config classes use pydantic (BaseModel, Field, ValidationError). Install a minimal
     stand-in when the package is missing: defaults, model_copy/model_dump/model_validate, no checks."""
@@ -216,7 +250,7 @@ def part_correctness(device: torch.device, engine_kw: dict) -> dict:
     params = SamplingParams(max_tokens=n, temperature=0.0)
     alone_bad = []
     for (sid, i), want in ref.items():
-        rid = engine.add_request(prompts[i], sid, params)
+        engine.add_request(prompts[i], sid, params)
         got = []
         while engine.has_unfinished():
             got += engine.step().values()
@@ -231,6 +265,39 @@ def part_correctness(device: torch.device, engine_kw: dict) -> dict:
     graphs = engine.graphs.captures if engine.graphs is not None else 0
     return {"stitches": len(model.stitches), "alone_mismatch": alone_bad, "mixed_mismatch": mixed_bad,
             "ok": not alone_bad and not mixed_bad, "graph_captures": graphs, "graph_error": engine.graph_error}
+
+
+@torch.no_grad()
+def part_compile_check(model, device, engine_kw: dict) -> dict:
+    """Compiled blocks against eager blocks on the real shapes: one decode step's logits for a
+    mixed batch with one row per stitch, and for a single row (batch 1 is compiled separately).
+    bf16 on random weights: compared by max |diff| relative to the logits' spread."""
+    from stitchlib.engine import EngineConfig, StitchEngine
+    from stitchlib.runtime import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    vocab = model.small_anchor.stats.vocab_size
+    ids = [s.id for s in model.stitches]
+    out = {}
+    for name, rows in (("mixed", ids), ("batch1", [ids[len(ids) // 2]])):
+        prompts = torch.randint(3, vocab, (len(rows), 16), generator=g).tolist()
+        logits = {}
+        for mode in ("eager", "compiled"):
+            kw = {**engine_kw, "cuda_graphs": False, "compile_layers": mode == "compiled"}
+            e = StitchEngine(model, EngineConfig(**{"max_slots": len(rows), "max_seq_len": 64, **kw}))
+            for p, sid in zip(prompts, rows):
+                e.add_request(p, sid, SamplingParams(max_tokens=4, temperature=0.0))
+            e.step()  # eager prefill (identical in both)
+            n = e.num_running
+            plan = e._plan(tuple(r.key for r in e.rows))
+            logits[mode] = e.runner.forward(e.tokens[:n, None], e.lengths[:n, None], slice(0, n), plan,
+                                            e._kv_len(max(r.length for r in e.rows) + 1)).float()
+            del e
+        diff = (logits["eager"] - logits["compiled"]).abs().max().item()
+        spread = logits["eager"].std().item()
+        out[name] = {"rows": len(rows), "max_abs_diff": diff, "logit_std": spread, "rel": diff / spread}
+    out["ok"] = all(v["rel"] < 0.1 for v in out.values() if isinstance(v, dict))
+    return out
 
 
 def part_latency(model, bw, *, prompt_len, steps, rounds, engine_kw, device) -> dict:
@@ -301,10 +368,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: check the script's logic anywhere, fast")
     ap.add_argument("--device", default=None, help="default cuda when available, else cpu")
     ap.add_argument("--no-compile", action="store_true", help="CUDA graphs over eager blocks only")
+    ap.add_argument("--compile", action="store_true", help="compile blocks even without CUDA (to test --tiny)")
     ap.add_argument("--hf-static", action="store_true", help="also HF generate with the static cache (slow)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip remaining parts past this wall time")
+    ap.add_argument("--wheels", default=str(Path(__file__).resolve().parents[1] / ".whl"),
+                    help="where a carried transformers wheel is looked for")
     args = ap.parse_args(argv)
     t0 = time.time()
+    tf_note = use_pinned_transformers(Path(args.wheels)) if argv is None else "in-process call: as installed"
     pyd = ensure_pydantic()
     from engine_common import env_info, param_bytes, read_bandwidth
 
@@ -315,9 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "engine_gpu_tiny" if args.tiny else "engine_gpu"
     use_graphs = device.type == "cuda"
-    engine_kw = {"cuda_graphs": use_graphs, "compile_layers": use_graphs and not args.no_compile,
+    engine_kw = {"cuda_graphs": use_graphs, "compile_layers": (use_graphs or args.compile) and not args.no_compile,
                  "kv_block": 32 if args.tiny else 256}
-    res: dict = {"benchmark": name, "env": env_info(device), "pydantic": pyd, "layer_api": layer_api(),
+    res: dict = {"benchmark": name, "env": env_info(device), "pydantic": pyd, "transformers_source": tf_note,
+                 "layer_api": layer_api(),
                  "engine": engine_kw, "parts": {}, "errors": {}, "skipped": []}
     if device.type == "cuda":
         res["env"]["cuda"] = torch.version.cuda
@@ -345,12 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{key}] done in {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
         return val
 
-    # 0. correctness on this device with these engine settings (falls back to eager blocks if compile fails)
-    corr = run_part("correctness", lambda: part_correctness(device, engine_kw))
-    if engine_kw["compile_layers"] and (corr is None or not corr.get("ok")):
-        res["errors"]["compile_fallback"] = "correctness failed with compiled blocks: using eager blocks + graphs"
-        engine_kw["compile_layers"] = False
-        corr = run_part("correctness_eager_blocks", lambda: part_correctness(device, engine_kw))
+    # 0. exact tokens against the reference on this device: CUDA graphs, mixed batches, SSB routing
+    #    (compiled blocks are checked on the real shapes in 1b: compiling tiny shapes too costs minutes)
+    corr = run_part("correctness", lambda: part_correctness(device, {**engine_kw, "compile_layers": False}))
 
     # 1. model + memory
     small, large = ("tiny-a", "tiny-b") if args.tiny else ("llama-7b-shape", "llama-13b-shape")
@@ -369,6 +438,14 @@ def main(argv: list[str] | None = None) -> dict:
     res["parts"]["memory"] = mem
     save()
     print(f"[memory] {mem}", flush=True)
+
+    # 1b. compiled blocks == eager blocks on the real shapes (else: eager blocks + CUDA graphs)
+    if engine_kw["compile_layers"]:
+        chk = run_part("compile_check", lambda: part_compile_check(model, device, engine_kw))
+        if chk is None or not chk.get("ok"):
+            res["errors"]["compile_fallback"] = "compiled blocks failed the check: measuring eager blocks + graphs"
+            engine_kw["compile_layers"] = False
+            res["engine"] = dict(engine_kw)
 
     # 2. bandwidth
     bw = run_part("bandwidth", lambda: read_bandwidth(device, (64 << 20) if args.tiny else (4 << 30)))
@@ -399,6 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
     targets["memory_pair_plus_stitches_le_1.05x_pair"] = mem.get("ratio_allocated", mem["ratio_params"]) <= 1.05
     if corr is not None:
         targets["engine_equals_reference_on_device"] = bool(corr.get("ok"))
+    if "compile_check" in res["parts"]:
+        targets["compiled_blocks_match_eager"] = bool(res["parts"]["compile_check"].get("ok"))
     if hf and lat:
         rows = {r["stitch"]: r for r in lat["rows"]}
         targets["beats_hf_generate_small"] = rows["small"]["synced_ms"] < hf["small_dynamic_ms_per_token"]

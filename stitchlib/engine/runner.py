@@ -61,20 +61,24 @@ class StitchRunner:
         layer_fn = self.decode_layer_fn if T == 1 else call_layer
         sub: dict[tuple[str, int], tuple] = {}  # (anchor, group) -> per-group inputs, built once per call
 
+        # A compiled block specialises on storage offsets 0 and 1, so views that start later in the
+        # batch (suffix rows of the large blocks) are handed over as fresh tensors instead.
+        own = (lambda t: t if t.storage_offset() == 0 else t.clone()) if layer_fn is not call_layer else (lambda t: t)
+
         def inputs(anchor: str, g: int, pe: tuple[torch.Tensor, torch.Tensor]):
             if (anchor, g) not in sub:
                 sel = plan.groups[g].sel
                 full = isinstance(sel, slice) and sel.start == 0 and sel.stop == B
-                sub[(anchor, g)] = (sel, full, compose(cache_rows, sel), mask if full else mask[sel],
-                                    pos if full else pos[sel], pe[0] if full else pe[0][sel],
-                                    pe[1] if full else pe[1][sel])
+                sub[(anchor, g)] = (sel, full, compose(cache_rows, sel), mask if full else own(mask[sel]),
+                                    pos if full else own(pos[sel]), pe[0] if full else own(pe[0][sel]),
+                                    pe[1] if full else own(pe[1][sel]))
             return sub[(anchor, g)]
 
         def run(anchor: str, layers, cache: StaticKVCache, h: torch.Tensor, i: int, g: int, pe) -> torch.Tensor:
             sel, full, rows, m, p, cos, sin = inputs(anchor, g, pe)
             cache.bind(i, rows, p, kv_len)
             model.route.slots = plan.groups[g].slots
-            y = layer_fn(layers[i], h if full else h[sel], m, p, cos, sin, cache)
+            y = layer_fn(layers[i], h if full else own(h[sel]), m, p, cos, sin, cache)
             if full:
                 return y
             h[sel] = y
