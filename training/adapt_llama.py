@@ -84,10 +84,10 @@ def adapt(cfg: TrainConfig, stop=None) -> AdaptResult:
         rows.append({"id": s.id, "kind": s.kind, "split": s.split, "join": s.join, "gflops": c.gflops,
                      "params": c.params, "interval": sampler.interval[slot], "score": scores.get(s.id),
                      "times_sampled": sampler.counts[slot], "deployed": s.id in deployed,
-                     "calibration_residual": res.calibration.get(s.id), "metrics": metrics[s.id]})
+                     "calibration_residual": res.calibration.get(s.id), "metrics": metrics.get(s.id, {})})
     intervals = R.interval_analysis(model, sampler, metrics, quality)
     summary = R.summarize(rows, metrics, sorted(deployed, key=lambda i: model.slot[i]), quality)
-    summary["top_score_is_best_eval"] = f"{sum(r['match'] for r in intervals)}/{len(intervals)}"
+    summary["top_score_is_best_eval"] = f"{sum(r['match'] for r in intervals)}/{len(intervals)}" if intervals else None
     trainable = model.trainable_report()
     training = {
         "kind": "pst-snip" if cfg.adapt_anchors_first == 0 else "adapt-then-stitch",
@@ -171,10 +171,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"adapt: interrupted by {name}; {where}", file=sys.stderr)
             return 128 + e.signum
     s = res.report["summary"]
+    match = s["top_score_is_best_eval"]
     print(f"wrote palette {res.palette} ({len(res.manifest.stitches)} stitches, "
           f"{len(res.manifest.deployed())} deployed; {s['quality_metric']}: small {s['small']:.4g}, "
-          f"large {s['large']:.4g}, deployed stitches mean {s['mean_deployed_stitches']}, "
-          f"top score = best evaluated in {s['top_score_is_best_eval']} intervals)")
+          f"large {s['large']:.4g}, deployed stitches mean {s['mean_deployed_stitches']:.4g}"
+          + (f", top score = best evaluated in {match} intervals)" if match else ")"))
     for st in res.manifest.deployed():
         print(f"  {st.id:<10} {st.gflops:9.4f} GFLOPs  {s['quality_metric']} {st.metrics[s['quality_metric']]:.4f}")
     return 0

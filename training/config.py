@@ -88,6 +88,8 @@ class TrainConfig(BaseModel):
     device: str = Field("cpu", description="torch device")
     seed: int = Field(0, ge=0, description="seeds the PST init, data order, split and sampler")
     eval_batch_size: int = Field(8, ge=1, description="batch size of the final evaluation")
+    eval_stitches: Literal["all", "deployed"] = Field("all", description="evaluate every stitch (Pareto plot, "
+                                                      "interval analysis) or only the deployed ones (cheaper)")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0: only on SIGINT/SIGTERM)")
     checkpoint_dir: str | None = Field(None, description="default: <out>.ckpt next to the palette")
     keep_checkpoint: bool = Field(False, description="keep the checkpoint after the palette is written")

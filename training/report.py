@@ -16,6 +16,8 @@ def interval_analysis(model: StitchedLM, sampler: SnipSampler, metrics: dict[str
     """Per cost interval: the top-score stitch (what ESTA deploys without evaluating) against the
     best-evaluated one. Paper claim (5.3): they mostly coincide."""
     rows = []
+    if any(s.id not in metrics for s in model.stitches):
+        return rows  # only the deployed stitches were evaluated: nothing to compare against
     for group in sampler.groups():
         ids = [model.stitches[s].id for s in group]
         scored = [s for s in group if sampler.scores[s] is not None]
@@ -31,11 +33,11 @@ def interval_analysis(model: StitchedLM, sampler: SnipSampler, metrics: dict[str
 
 def summarize(rows: list[dict[str, Any]], metrics: dict[str, dict[str, float]], deployed: list[str],
               quality: str) -> dict[str, Any]:
-    stitches = [r["id"] for r in rows if r["kind"] == "stitch"]
+    stitches = [r["id"] for r in rows if r["kind"] == "stitch" and r["id"] in metrics]
     dep_stitches = [i for i in deployed if i in stitches]
     mean = lambda ids: statistics.fmean(metrics[i][quality] for i in ids) if ids else None  # noqa: E731
     return {"quality_metric": quality,
-            "mean_all_stitches": mean(stitches),
+            "mean_all_stitches": mean(stitches) if len(stitches) == sum(r["kind"] == "stitch" for r in rows) else None,
             "mean_deployed_stitches": mean(dep_stitches),
             "mean_deployed_incl_anchors": mean(deployed),
             "small": metrics["small"][quality], "large": metrics["large"][quality]}
@@ -48,6 +50,7 @@ def pareto_png(rows: list[dict[str, Any]], quality: str, title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["metrics"]]  # evaluated ones
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     xs = [r["gflops"] for r in rows]
     ys = [r["metrics"][quality] for r in rows]

@@ -123,6 +123,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # PST LoRA init and classification heads
         self.model = StitchedLM(small, large, pst=pst, num_labels=len(self.enc.labels or []))
         self.model.eval()  # no dropout anywhere: training is deterministic under a seed
+        if self.model.num_labels:
+            # Zero heads start every route at the uniform prediction (loss ln C): a random head on an
+            # LM's final hidden state (norms of tens) starts at losses of 5+ and wastes early steps.
+            for head in (self.model.cls_large, self.model.cls_small):
+                torch.nn.init.zeros_(head.weight)
+                torch.nn.init.zeros_(head.bias)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("nothing to train: enable --shared-lora, --stitch-lora or --stitch-bias")
@@ -208,6 +214,9 @@ class Trainer:
         self.calibration = calibrate_(self.model, guarded(), progress=self.cfg.progress, total=len(batches))
         self.calibrated = True
         self.timings["calibration_s"] = time.perf_counter() - t0
+        log.info("calibrated %d stitching layers on %d sequences in %.1f s (median residual %.3f)",
+                 len(self.calibration), sum(len(b[0]) for b in batches), self.timings["calibration_s"],
+                 sorted(self.calibration.values())[len(self.calibration) // 2] if self.calibration else float("nan"))
         self.check_gradients()
 
     def check_gradients(self) -> None:
@@ -343,6 +352,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(teacher=f"{rec['teacher_loss']:.3f}", loss=f"{rec['stitch_loss']:.3f}",
                                 stitch=rec["stitch"], s_step=f"{rec['step_s']:.2f}", refresh=False)
+                if not cfg.progress:
+                    log.info("step %d/%d stitch %s teacher %.4f stitch %.4f snip %.4g (%.1f s)", self.step, self.total,
+                             rec["stitch"], rec["teacher_loss"], rec["stitch_loss"], rec["snip"], rec["step_s"])
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total:
                     self.save()
         finally:
@@ -350,7 +362,11 @@ class Trainer:
             self.timings["train_s"] = self.timings.get("train_s", 0.0) + time.perf_counter() - t_loop
         self.honour_stop()
         t0 = time.perf_counter()
-        self.metrics = evaluate(self.model, cfg, self.enc, progress=cfg.progress, before_stitch=self.honour_stop)
+        ids = None
+        if cfg.eval_stitches == "deployed":
+            ids = [self.model.stitches[s].id for s in self.sampler.deploy(always=[self.small_slot, self.large_slot])]
+        self.metrics = evaluate(self.model, cfg, self.enc, stitch_ids=ids, progress=cfg.progress,
+                                before_stitch=self.honour_stop)
         self.timings["eval_s"] = time.perf_counter() - t0
         self.timings["peak_rss_mb"] = peak_rss_mb()
         return TrainResult(model=self.model, sampler=self.sampler, labels=self.enc.labels, encoded=self.enc,
@@ -359,17 +375,18 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: StitchedLM, cfg: TrainConfig, enc: task_data.Encoded, *, progress: bool = True,
-             before_stitch=lambda: None) -> dict[str, dict[str, float]]:
-    """Every stitch on the validation split. chat: token-weighted loss, perplexity, neg_loss;
-    classify: accuracy, loss. `before_stitch()` runs between stitches (the trainer's stop check)."""
+def evaluate(model: StitchedLM, cfg: TrainConfig, enc: task_data.Encoded, *, stitch_ids: list[str] | None = None,
+             progress: bool = True, before_stitch=lambda: None) -> dict[str, dict[str, float]]:
+    """Stitches (default: every one) on the validation split. chat: token-weighted loss, perplexity,
+    neg_loss; classify: accuracy, loss. `before_stitch()` runs between stitches (the trainer's stop check)."""
     from tqdm.auto import tqdm
 
     device = torch.device(cfg.device)
     use_bf16 = cfg.dtype == "bfloat16"
     batches = [task_data.to_device(b, device) for b in task_data.eval_batches(cfg, enc)]
     out: dict[str, dict[str, float]] = {}
-    for st in tqdm(model.stitches, desc="evaluating stitches", unit="stitch", disable=not progress):
+    todo = model.stitches if stitch_ids is None else [model.get(i) for i in stitch_ids]
+    for st in tqdm(todo, desc="evaluating stitches", unit="stitch", disable=not progress):
         before_stitch()
         loss_sum, n, correct = 0.0, 0, 0
         for b in batches:
@@ -390,6 +407,8 @@ def evaluate(model: StitchedLM, cfg: TrainConfig, enc: task_data.Encoded, *, pro
             out[st.id] = {"accuracy": correct / max(n, 1), "loss": loss}
         else:
             out[st.id] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "neg_loss": -loss}
+        if not progress:
+            log.info("evaluated %s: %s", st.id, ", ".join(f"{k} {v:.4f}" for k, v in out[st.id].items()))
     return out
 
 

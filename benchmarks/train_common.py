@@ -1,0 +1,104 @@
+"""Shared pieces of the training benchmarks (benchmarks/train_*.py): the run scale, running
+training/adapt_llama.py as a subprocess that survives interruption (a rerun resumes from its
+checkpoint), and reading its report back.
+
+Scale. The CPU here runs bfloat16 matmuls at ~0.1 TFLOP/s under the other engineers' load (not
+the 1.5 TFLOP/s AMX figure in DESIGN.md: this machine is an AMD EPYC with AVX512-BF16 and no AMX),
+so one fwd+bwd of the 1.5B anchor on 128 tokens takes tens of seconds. Runs on the real pair are
+therefore tiny: 48-token BBC News openings (headline + first sentence), batch 2, a few dozen steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = Path(os.environ.get("STITCHSERVE_BENCH_RUNS", Path.home() / ".cache" / "stitchserve" / "bench-runs"))
+REAL = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+TINY = ("tiny-small", "tiny-large")
+
+# One budget for every compared run (ablations are at equal training budget).
+REAL_SCALE: dict[str, Any] = dict(task="classify", data="bbcnews", seq_len=48, batch_size=2, grad_accum=1,
+                                  steps=40, lr=1e-3, eval_size=40, eval_batch_size=8, calib_size=48,
+                                  n_intervals=6, snip_warmup_steps=10, checkpoint_every=5, seed=0)
+TINY_SCALE: dict[str, Any] = dict(task="classify", data="bbcnews", seq_len=64, batch_size=4, grad_accum=1,
+                                  steps=150, lr=2e-3, eval_size=100, eval_batch_size=25, calib_size=64,
+                                  n_intervals=6, snip_warmup_steps=30, checkpoint_every=25, seed=0,
+                                  dtype="float32")
+
+
+def real_pair_available() -> bool:
+    from stitchlib.hub import anchor_dir, is_complete
+
+    return all(is_complete(anchor_dir(n)) for n in REAL)
+
+
+def scale(pair: str) -> tuple[tuple[str, str], dict[str, Any]]:
+    if pair == "real":
+        if not real_pair_available():
+            raise SystemExit("the real Qwen pair is not in the cache (stitchserve pull); use --pair tiny")
+        return REAL, dict(REAL_SCALE)
+    return TINY, dict(TINY_SCALE)
+
+
+def flags(fields: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for k, v in fields.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def run_adapt(name: str, pair: str, **overrides: Any) -> dict[str, Any]:
+    """Train (or reuse) palette `name` and return its report.json. Idempotent: a finished palette is
+    reused, an interrupted one resumes from its checkpoint."""
+    (small, large), fields = scale(pair)
+    fields.update(overrides)
+    out = RUNS / f"{pair}-{name}"
+    report = out / "report.json"
+    if report.is_file():
+        print(f"[{name}] reusing {out}", flush=True)
+        return json.loads(report.read_text())
+    RUNS.mkdir(parents=True, exist_ok=True)
+    resume = (out.parent / f"{out.name}.ckpt" / "last.pt").is_file()
+    cmd = [sys.executable, str(ROOT / "training" / "adapt_llama.py"), "--small", small, "--large", large,
+           "--out", str(out), *flags(fields), "--no-progress", "-v", *(["--resume"] if resume else [])]
+    log = RUNS / f"{pair}-{name}.log"
+    print(f"[{name}] {'resuming' if resume else 'training'}: log {log}", flush=True)
+    t0 = time.time()
+    with log.open("a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if rc != 0:
+        raise SystemExit(f"[{name}] adapt failed with exit code {rc}; see {log}")
+    print(f"[{name}] done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return json.loads(report.read_text())
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_avg_at_write": os.getloadavg()}
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    p = RESULTS / name
+    p.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"wrote {p}")
+    return p
