@@ -841,7 +841,7 @@ def build_pydocs(*, use_cache: bool = True) -> list[ChatExample]:
         except DataError as e:
             log.warning("rebuilding the pydocs cache: %s", e)
     t0 = time.perf_counter()
-    examples = _pydocs_examples(_collect_doc_entries())
+    examples = _build_pydocs_isolated()
     log.info("built pydocs: %d examples in %.1f s", len(examples), time.perf_counter() - t0)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -851,6 +851,29 @@ def build_pydocs(*, use_cache: bool = True) -> list[ChatExample]:
                 f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     return examples
+
+
+_PYDOCS_CHILD = ("import json, sys; from dataclasses import asdict; "
+                 "from stitchlib.data import _collect_doc_entries, _pydocs_examples; "
+                 "sys.stdout.writelines(json.dumps(asdict(e), ensure_ascii=False) + '\\n' "
+                 "for e in _pydocs_examples(_collect_doc_entries()))")
+
+
+def _build_pydocs_isolated() -> list[ChatExample]:
+    """Walk the standard library in a fresh interpreter: whatever the calling process imported
+    (Ray, transformers, pytest) may have patched stdlib objects or defaults, which would leak into
+    the docstrings and signatures and make the set depend on who built it."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONHASHSEED"] = "0"
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root  # this checkout's stitchlib, installed or not
+    out = subprocess.run([sys.executable, "-c", _PYDOCS_CHILD], env=env, cwd=root, capture_output=True,
+                         text=True, encoding="utf-8", timeout=600)
+    if out.returncode != 0:
+        raise DataError(f"building pydocs failed in a child interpreter: {out.stderr.strip()[-500:]}")
+    return [ChatExample(**json.loads(line)) for line in out.stdout.splitlines() if line]
 
 
 def _owned_by(module: str, owner: str | None) -> bool:
