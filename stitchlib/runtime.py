@@ -59,7 +59,7 @@ class PaletteRuntime:
         self.max_context = int(min(model.small_anchor.config.max_position_embeddings,
                                    model.large_anchor.config.max_position_embeddings))
         self.stitches = stitch_infos(manifest)
-        self._eos = {t for t in [self.tokenizer.eos_token_id, model.large_anchor.config.eos_token_id]
+        self.eos_token_ids = {t for t in [self.tokenizer.eos_token_id, model.large_anchor.config.eos_token_id]
                      if isinstance(t, int)}
 
     @classmethod
@@ -94,17 +94,6 @@ class PaletteRuntime:
         raise KeyError(f"stitch {stitch_id!r} is not deployed in palette {self.name!r}")
 
     # ---- generation ---------------------------------------------------------------------------
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        T = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(prompts), T, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            if p:
-                ids[i, T - len(p):] = torch.tensor(p)
-                mask[i, T - len(p):] = 1
-        return ids.to(self.device), mask.to(self.device)
-
     def generate_steps(self, prompts: list[list[int]], stitch_id: str,
                        params: list[SamplingParams]) -> Iterator[list[int | None]]:
         """One yield per decode step: each row's new token, or None once that row has finished."""
@@ -135,10 +124,6 @@ class PaletteRuntime:
         return [{lab: float(p) for lab, p in zip(self.labels, row)} for row in probs]
 
     # ---- profiling ----------------------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
     @torch.no_grad()
     def profile(self, stitch_ids: list[str] | None = None, *, prompt_len: int = 32, decode_steps: int = 8,
                 batch_sizes: tuple[int, ...] = (1,)) -> dict[str, StitchProfile]:

@@ -29,7 +29,7 @@ def engine_for_runtime(rt: "PaletteRuntime", config: EngineConfig | None = None)
     if cfg.stitches is None:
         cfg = cfg.model_copy(update={"stitches": [s.id for s in rt.stitches]})
     cfg = cfg.model_copy(update={"max_seq_len": min(cfg.max_seq_len, rt.max_context)})
-    return StitchEngine(rt.model, cfg, eos_token_ids=frozenset(rt._eos))
+    return StitchEngine(rt.model, cfg, eos_token_ids=frozenset(rt.eos_token_ids))
 
 
 class EnginePool:
