@@ -237,3 +237,24 @@ def batch_scenarios(model, stitch_ids: list[str], *, streams: int, prompt_len: i
         "tokens_per_s": {"mixed": tok_mixed, "single_mean_stitch": tok_single, "separate_queues": tok_queues},
         "mixed_vs_single": tok_mixed / tok_single, "mixed_vs_queues": tok_mixed / tok_queues,
     }
+
+
+@torch.no_grad()
+def hf_generate_step_times(hf_model, ids: torch.Tensor, steps: int, **generate_kw) -> list[float]:
+    """Seconds between consecutive new tokens inside one HF `generate()` call (greedy): a logits
+    processor stamps the time at every step, so each interval is one full generate iteration
+    (forward, cache update, processors, stopping checks). No differencing of noisy totals."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+    dev = ids.device
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            sync(dev)
+            stamps.append(time.perf_counter())
+            return scores
+
+    hf_model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, pad_token_id=0,
+                      logits_processor=LogitsProcessorList([Stamp()]), **generate_kw)
+    return [b - a for a, b in zip(stamps, stamps[1:])]

@@ -15,8 +15,8 @@ import os
 import resource
 import time
 
-from engine_common import (decode_bytes, env_info, is_strictly_increasing, median, param_bytes,
-                           prepare_for_serving, read_bandwidth, stitch_latency, timed, write_result)
+from engine_common import (decode_bytes, env_info, hf_generate_step_times, is_strictly_increasing, median,
+                           param_bytes, prepare_for_serving, read_bandwidth, stitch_latency, write_result)
 
 import torch
 
@@ -33,17 +33,6 @@ def spearman(xs, ys) -> float:
     mx, my = sum(rx) / n, sum(ry) / n
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
     return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-
-
-@torch.no_grad()
-def hf_generate_s(anchor, ids, steps) -> float:
-    """One sample of seconds per new token of HF generate (greedy, dynamic cache):
-    (t(1 + steps new tokens) - t(1 new token)) / steps, timed back to back."""
-    m = anchor.model
-    kw = dict(do_sample=False, pad_token_id=0)
-    t1 = timed(lambda: m.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), ids.device)
-    tn = timed(lambda: m.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw), ids.device)
-    return max(tn - t1, 0.0) / steps
 
 
 @torch.no_grad()
@@ -105,7 +94,7 @@ def main() -> None:
         for sid, v in stitch_latency(model, order, prompt=prompt, steps=args.steps, rounds=1, config_kw={}).items():
             samples[sid] += v
         for role, anchor in (("small", S), ("large", L)):
-            hf_s[role].append(hf_generate_s(anchor, ids, args.steps))
+            hf_s[role] += hf_generate_step_times(anchor.model, ids, args.steps)
         for sid in ref_s:
             ref_s[sid] += reference_s(model, ids, sid, args.steps)
     lat = {sid: median(v) for sid, v in samples.items()}

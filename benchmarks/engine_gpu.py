@@ -17,7 +17,7 @@ What it does, in order (each part is time-boxed; results are written after every
      to read the stitch's weights once; checks latency strictly increases with stitch bytes;
   4. 32 streams over 8 stitches in one mixed batch vs 32 on the stitch of the mean size vs the 8
      stitches as separate batch queues ('adjacent' and 'spread' stitch choices, 128-token prompts;
-     'adjacent' again with 1024-token prompts);
+     'adjacent' again with long prompts: 1536 tokens on a >100 GB GPU, else 1024);
   5. HF generate() of each anchor at batch 1 (dynamic cache; --hf-static adds cache_implementation=
      "static", which compiles and takes minutes).
 Targets checked are listed under "targets" in the JSON.
@@ -341,23 +341,17 @@ def part_batching(model, *, streams, n_stitches, prompt_len, long_prompt_len, st
 
 @torch.no_grad()
 def part_hf(model, device, *, prompt_len, steps, static: bool) -> dict:
-    from engine_common import median, timed
+    """ms per token of HF generate() at batch 1, from per-step timestamps inside generate."""
+    from engine_common import hf_generate_step_times, median
 
     out = {}
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.small_anchor.stats.vocab_size, (1, prompt_len), generator=g).to(device)
     for role, anchor in (("small", model.small_anchor), ("large", model.large_anchor)):
         for impl in (["dynamic", "static"] if static else ["dynamic"]):
-            kw = dict(do_sample=False, pad_token_id=0)
-            if impl == "static":
-                kw["cache_implementation"] = "static"
-            m = anchor.model
-            m.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up (compiles for static)
-            t_long = median([timed(lambda: m.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw),
-                                   device) for _ in range(2)])
-            t_one = median([timed(lambda: m.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), device)
-                            for _ in range(2)])
-            out[f"{role}_{impl}_ms_per_token"] = (t_long - t_one) / steps * 1e3
+            kw = {"cache_implementation": "static"} if impl == "static" else {}
+            hf_generate_step_times(anchor.model, ids, 3, **kw)  # warm-up (compiles for static)
+            out[f"{role}_{impl}_ms_per_token"] = median(hf_generate_step_times(anchor.model, ids, steps, **kw)) * 1e3
     return out
 
 
@@ -371,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", action="store_true", help="compile blocks even without CUDA (to test --tiny)")
     ap.add_argument("--hf-static", action="store_true", help="also HF generate with the static cache (slow)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip remaining parts past this wall time")
+    ap.add_argument("--long-prompt", type=int, default=None,
+                    help="prompt length of the long-context batching run (default 1536 on >100 GB GPUs, else 1024)")
     ap.add_argument("--wheels", default=str(Path(__file__).resolve().parents[1] / ".whl"),
                     help="where a carried transformers wheel is looked for")
     args = ap.parse_args(argv)
@@ -457,8 +453,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                           device=device))
     # 4. mixed batches
     streams, n_st = (8, 4) if args.tiny else (32, 8)
+    long_len = args.long_prompt or (96 if args.tiny else 1536 if res["env"].get("gpu_memory_GB", 0) > 100 else 1024)
     bat = run_part("batching", lambda: part_batching(model, streams=streams, n_stitches=n_st,
-                                                     prompt_len=prompt_len, long_prompt_len=96 if args.tiny else 1024,
+                                                     prompt_len=prompt_len, long_prompt_len=long_len,
                                                      steps=4 if args.tiny else 16, engine_kw=engine_kw))
     # 5. HF generate baselines
     hf = run_part("hf_generate", lambda: part_hf(model, device, prompt_len=prompt_len, steps=4 if args.tiny else 16,

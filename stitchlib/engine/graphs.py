@@ -28,18 +28,26 @@ from .runner import StitchRunner, call_layer
 log = logging.getLogger(__name__)
 
 
+_compiled: dict[str | None, Callable] = {}
+
+
 def compile_layer_fn(mode: str | None = None) -> Callable:
+    """The compiled block call for `mode`, one per process: every engine shares its compiled graphs
+    (a second torch.compile wrapper would compile everything again)."""
+    if mode in _compiled:
+        return _compiled[mode]
     if mode in ("reduce-overhead", "max-autotune"):
         raise ValueError(f"compile mode {mode!r} captures its own CUDA graphs (copying inputs every call); "
                          "use None, 'default' or 'max-autotune-no-cudagraphs': DecodeGraphs captures the step")
     import torch._dynamo
 
-    # One compiled graph per (anchor layer class, shapes): allow enough entries for every
-    # batch-size bucket x attention span x anchor a deployment sees.
+    # Expected: ~4-8 graphs (per anchor: batch 1 and dynamic rows, storage offset 0 or not); the
+    # default limit of 8 would silently fall back to eager past that, so leave headroom.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    return torch.compile(call_layer, mode=mode, dynamic=True, fullgraph=False)
+    _compiled[mode] = torch.compile(call_layer, mode=mode, dynamic=True, fullgraph=False)
+    return _compiled[mode]
 
 
 @dataclass
