@@ -151,8 +151,11 @@ def test_sorted_rows_give_contiguous_slices(tiny_model):
     assert plan.groups[plan.small_head].sel == slice(0, 2) and plan.groups[plan.large_head].sel == slice(2, 8)
 
 
-def test_join_and_leave_mid_batch_do_not_disturb_others(pst_model, ref):
-    engine = StitchEngine(pst_model, EngineConfig(max_slots=4, max_seq_len=48, kv_block=8))
+@pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded-to-bucket"])
+def test_join_and_leave_mid_batch_do_not_disturb_others(pst_model, ref, pad):
+    """pad: decode batches padded to 4 rows with free slots (what CUDA graphs use on GPU)."""
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=4, max_seq_len=48, kv_block=8, pad_to_bucket=pad,
+                                                  batch_buckets=[4]))
     a = engine.add_request(PROMPTS[0], "s2-l3", _greedy(N_REF))
     b = engine.add_request(PROMPTS[1], "large", _greedy(N_REF))
     got = {a: [], b: []}
@@ -174,9 +177,10 @@ def test_join_and_leave_mid_batch_do_not_disturb_others(pst_model, ref):
         assert got[rid] == ref(p, sid, 3), sid
 
 
-def test_slots_are_reused_without_leaks(pst_model, ref):
+@pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded-to-bucket"])
+def test_slots_are_reused_without_leaks(pst_model, ref, pad):
     ids = [s.id for s in pst_model.stitches]
-    engine = StitchEngine(pst_model, EngineConfig(max_slots=4, max_seq_len=32, kv_block=8))
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=4, max_seq_len=32, kv_block=8, pad_to_bucket=pad))
     jobs = [(PROMPTS[i % 3], ids[(i * 5) % 7], _greedy(1 + i % 3)) for i in range(24)]
     out = _run(engine, jobs)
     for i, (p, sid, sp) in enumerate(jobs):

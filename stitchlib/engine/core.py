@@ -49,6 +49,10 @@ class EngineConfig(BaseModel):
                                                     "per anchor and shape, shared by every block)")
     compile_mode: str | None = Field(None, description="torch.compile mode for compile_layers (no cudagraph modes)")
     max_graphs: int = Field(32, ge=1, description="captured decode graphs kept (LRU)")
+    batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128],
+                                     description="decode batches are padded up to the next bucket (capped at "
+                                                 "max_slots) so one captured graph serves several batch sizes")
+    pad_to_bucket: bool | None = Field(None, description="pad decode batches to a bucket (None: when using CUDA graphs)")
 
 
 @dataclass
@@ -115,6 +119,7 @@ class StitchEngine:
         if use_graphs:
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.runner, self.tokens, self.lengths, max_graphs=cfg.max_graphs)
+        self.pad = cfg.pad_to_bucket if cfg.pad_to_bucket is not None else use_graphs
 
     # ---- public API ---------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], stitch_id: str, params: SamplingParams | None = None, *,
@@ -209,10 +214,17 @@ class StitchEngine:
         b = self.cfg.kv_block
         return min(self.cfg.max_seq_len, math.ceil(positions / b) * b)
 
+    def _bucket(self, n: int) -> int:
+        return min([b for b in self.cfg.batch_buckets if b >= n] + [self.cfg.max_slots]) if self.pad else n
+
     def _decode(self) -> torch.Tensor:
         """One token for every running row; device tensor [n]."""
         n = len(self.rows)
-        plan = self._plan(tuple(r.key for r in self.rows))
+        # Padding rows (free slots n..B-1) run as the last row's stitch: the groups stay contiguous and
+        # one graph serves every batch size of the bucket. They write K/V only into free slots, at
+        # stale positions < max_seq_len, and their logits are dropped.
+        B = self._bucket(n)
+        plan = self._plan(tuple(r.key for r in self.rows) + (self.rows[-1].key,) * (B - n))
         kv_len = self._kv_len(max(r.length for r in self.rows) + 1)
         with self._lock:
             logits = None
@@ -225,9 +237,9 @@ class StitchEngine:
                     self.graph_error = f"{type(e).__name__}: {e}"
                     self.graphs = None
             if logits is None:
-                logits = self.runner.forward(self.tokens[:n, None], self.lengths[:n, None], slice(0, n), plan,
+                logits = self.runner.forward(self.tokens[:B, None], self.lengths[:B, None], slice(0, B), plan,
                                              kv_len)
-            tok = self._sample(logits, self.rows)
+            tok = self._sample(logits[:n] if B > n else logits, self.rows)
         self.tokens[:n] = tok
         self.lengths[:n] += 1
         for r in self.rows:

@@ -1,10 +1,10 @@
 """Making the decode step cheap to launch: CUDA graphs per batch shape, optional compiled blocks.
 
-A decode step of a given batch composition (the plan: every row's stitch) and attention span
-(`kv_len`, bucketed) has static shapes, so it is captured once in a CUDA graph and replayed every
-step after; the inputs (last tokens and positions) are read from the engine's persistent device
-buffers, and the cache binding is baked into the graph. A composition change (a request joins,
-leaves or moves) captures a new graph; graphs are kept in an LRU.
+A decode step of a given batch composition (the plan: every row's stitch, padded to a batch-size
+bucket by the engine) and attention span (`kv_len`, bucketed) has static shapes, so it is captured
+once in a CUDA graph and replayed every step after; the inputs (last tokens and positions) are read
+from the engine's persistent device buffers, and the cache binding is baked into the graph. A new
+composition captures a new graph; graphs are kept in an LRU.
 
 `compile_layer_fn` compiles the one function that calls an HF decoder block. Every block shares the
 code (the cache binds each block's buffers, so no per-layer int is traced), and shapes are dynamic
