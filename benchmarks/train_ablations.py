@@ -19,7 +19,7 @@ import argparse
 import math
 import statistics
 
-from train_common import RESULTS, machine, run_adapt, scale, write_json
+from train_common import RESULTS, RUNS, machine, run_adapt, scale, write_json
 
 
 def matched_rank(trainable: dict, rank: int) -> int:
@@ -63,9 +63,13 @@ def main() -> None:
     rank = base["config"]["lora_rank"]
     r2 = matched_rank(base["trainable"], rank)
     alpha = base["config"]["lora_alpha"] * r2 / rank  # same LoRA scaling alpha / r
+    # The one-stage variants start from the baseline's least-squares stitching layers (frozen, so the
+    # baseline palette carries them unchanged): same init, and no repeated calibration.
+    ls = str(RUNS / f"{args.pair}-baseline")
     specs = {
-        "no_ssb": dict(stitch_bias=False, lora_rank=r2, lora_alpha=alpha, eval_stitches="deployed"),
-        "uniform": dict(sampling="uniform", eval_stitches="deployed"),
+        "no_ssb": dict(stitch_bias=False, lora_rank=r2, lora_alpha=alpha, eval_stitches="deployed",
+                       calibration_from=ls),
+        "uniform": dict(sampling="uniform", eval_stitches="deployed", calibration_from=ls),
         "two_stage": dict(adapt_anchors_first=fields["steps"] // 3, eval_stitches="deployed"),
     }
     runs = {"ssb": base}

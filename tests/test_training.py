@@ -356,3 +356,48 @@ def test_bias_rows_of_stitches_that_did_not_run_stay_put(tmp_path):
         moved = {t.model.stitches[i].id for i in range(len(before)) if not torch.equal(before[i], table[i])}
         expected = {"large"} | ({sid} if sid != "small" else set())
         assert moved == expected
+
+
+def test_snip_score_counts_only_the_sampled_stitch_gradients(tmp_path):
+    """The teacher's gradients, accumulated first in the same step, are not part of the stitch's score."""
+    from stitchlib.snip import snip_score
+    from training.task_data import load_examples
+    from training.trainer import Trainer
+
+    cfg = config(tmp_path, write_classify(tmp_path / "d.jsonl", n=40), "classify", steps=6, eval_size=8,
+                 grad_accum=2, distill=False)
+    t = Trainer(cfg)
+    t.setup(load_examples(cfg))
+    t.calibrate()
+    t.train_step()  # heads leave zero, so gradients reach the body
+    weights = {k: v.clone() for k, v in t.model.palette_state_dict().items()}
+    data_state = t.batches.state_dict()
+    rec = t.train_step()
+
+    t.model.load_palette_state_dict(weights)  # replay the step's stitch half alone
+    t.batches.load_state_dict(data_state)
+    t.opt.zero_grad(set_to_none=True)
+    for _ in range(cfg.grad_accum):
+        b = next(t.batches)
+        with t.autocast():
+            (t.task_loss(t.forward(b, rec["stitch"]), b["labels"]) / cfg.grad_accum).backward()
+    alone = snip_score(t.params)
+    assert rec["snip"] == pytest.approx(alone, rel=1e-4)
+    assert rec["snip"] > 0
+
+
+def test_calibration_from_an_init_palette(tmp_path):
+    """--calibration-from reuses the least-squares stitching layers of another palette of the pair."""
+    from stitchlib.palette import init_palette
+    from training.adapt_llama import adapt
+
+    init = init_palette(tmp_path / "ls", task="classify", labels=["food", "sport", "tech"], n_calibration=16,
+                        dtype="float32", progress=False)
+    cfg = config(tmp_path, write_classify(tmp_path / "d.jsonl", n=40), "classify", steps=3, eval_size=8,
+                 calibration_from=str(init))
+    res = adapt(cfg)
+    ls, trained = palette_tensors(init), palette_tensors(cfg.out_path)
+    for k in (k for k in ls if k.startswith("stitching.") and k.endswith(("weight", "bias")) and ".lora" not in k):
+        assert torch.equal(ls[k], trained[k]), k
+    assert res.manifest.training["timings"]["calibration_s"] == 0.0
+    assert "calibration_residual" in res.manifest.stitches[1].metrics

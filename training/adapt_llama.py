@@ -104,8 +104,10 @@ def adapt(cfg: TrainConfig, stop=None) -> AdaptResult:
     title = (f"{cfg.palette_name}: {cfg.small} -> {cfg.large}, {cfg.task}, {res.total_steps} steps, "
              f"{cfg.sampling}{'' if cfg.stitch_bias else ', no SSB'}")
     extra = {"report.json": R.report_json(report), "pareto.png": R.pareto_png(rows, quality, title)}
+    carried = {sid: {**metrics.get(sid, {}), **({"calibration_residual": r} if (r := res.calibration.get(sid))
+                                                is not None else {})} for sid in model.slot}
     manifest = build_manifest(model, name=cfg.palette_name, task=cfg.task, labels=res.labels, scores=scores,
-                              deployed=deployed, metrics=metrics, quality_metric=quality, training=training)
+                              deployed=deployed, metrics=carried, quality_metric=quality, training=training)
     out = save_palette(cfg.out_path, manifest, model.palette_state_dict(), overwrite=cfg.overwrite,
                        extra_files=extra)
     if not cfg.keep_checkpoint:

@@ -44,6 +44,9 @@ class TrainConfig(BaseModel):
     max_train_examples: int | None = Field(None, ge=1, description="use a seeded random subset of the "
                                            "training split (benchmarks on a small budget)")
     calib_size: int = Field(100, ge=1, description="training sequences for the least-squares calibration")
+    calibration_from: str | None = Field(None, description="take the least-squares stitching layers from this "
+                                         "palette (same anchors; e.g. `stitchserve init-palette` output) instead "
+                                         "of calibrating")
 
     # ---- schedule -----------------------------------------------------------------------------
     steps: int | None = Field(None, ge=1, description="optimizer steps (default: from --epochs)")
@@ -105,6 +108,9 @@ class TrainConfig(BaseModel):
             raise ValueError("give --steps or --epochs, not both")
         if self.quantization != "none" and self.dtype == "float32":
             raise ValueError("quantized anchors compute in bfloat16: use --dtype bfloat16 with --quantization")
+        if self.calibration_from and self.adapt_anchors_first:
+            raise ValueError("--adapt-anchors-first calibrates on the adapted anchors; it cannot take "
+                             "--calibration-from")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues a run and --overwrite starts over: give one of them")
         return self

@@ -201,6 +201,10 @@ class Trainer:
                               enabled=self.autocast_dtype is not None)
 
     def calibrate(self) -> None:
+        if self.cfg.calibration_from:
+            self.load_calibration(self.cfg.calibration_from)
+            self.check_gradients()
+            return
         t0 = time.perf_counter()
         batches = task_data.calibration_batches(self.cfg, self.enc)
 
@@ -218,6 +222,25 @@ class Trainer:
                  len(self.calibration), sum(len(b[0]) for b in batches), self.timings["calibration_s"],
                  sorted(self.calibration.values())[len(self.calibration) // 2] if self.calibration else float("nan"))
         self.check_gradients()
+
+    def load_calibration(self, palette: str) -> None:
+        """Least-squares stitching matrices of an existing palette of the same anchor pair (its
+        stitching layers are frozen, so any palette of the pair carries them unchanged)."""
+        from stitchlib.palette import load_palette
+
+        m = self.model
+        manifest, tensors = load_palette(palette, small_fingerprint=m.small_anchor.fingerprint,
+                                         large_fingerprint=m.large_anchor.fingerprint)
+        for sid, layer in m.stitching.items():
+            w, b = tensors.get(f"stitching.{sid}.weight"), tensors.get(f"stitching.{sid}.bias")
+            if w is None or b is None:
+                raise TrainingError(f"--calibration-from {palette}: no stitching layer for {sid}")
+            layer.set_affine(w, b)
+        got = {s.id: s.metrics.get("calibration_residual") for s in manifest.stitches}
+        self.calibration = {k: v for k, v in got.items() if v is not None}
+        self.calibrated = True
+        self.timings["calibration_s"] = 0.0
+        log.info("stitching layers taken from %s", palette)
 
     def check_gradients(self) -> None:
         """LoRA must still receive gradients after the no-grad calibration pass (DESIGN.md: 4-bit
