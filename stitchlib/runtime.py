@@ -96,7 +96,10 @@ class PaletteRuntime:
     # ---- generation ---------------------------------------------------------------------------
     def generate_steps(self, prompts: list[list[int]], stitch_id: str,
                        params: list[SamplingParams]) -> Iterator[list[int | None]]:
-        """One yield per decode step: each row's new token, or None once that row has finished."""
+        """One yield per decode step: each row's new token, or None once that row has finished.
+
+        `gen.send([i, ...])` instead of `next(gen)` aborts rows i, ... first: they yield None from then
+        on and their cache slots are freed while the other rows go on. `gen.close()` stops everything."""
         self.stitch(stitch_id)
         if len(prompts) != len(params):
             raise ValueError("one SamplingParams per prompt")

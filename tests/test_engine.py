@@ -310,3 +310,23 @@ def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
     both = [(next(g1)[0], next(g2)[0]) for _ in range(6)]
     assert [a for a, _ in both] == ref
     assert [b for _, b in both] == rt.model.generate(torch.tensor([ids[:3]]), "large", max_new_tokens=6)[0].tolist()
+
+
+def test_runtime_generate_steps_aborts_one_row_and_frees_its_slot(tmp_path):
+    """gen.send([i]) stops row i at once (None from then on, slot freed); the other rows' tokens
+    are exactly what they would have been."""
+    from stitchlib.engine.pool import pool_for
+    from stitchlib.palette import init_palette
+    from stitchlib.runtime import PaletteRuntime
+
+    rt = PaletteRuntime.load(init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32"),
+                             dtype="float32")
+    a, b = [5, 6, 7, 8], [9, 10, 11]
+    alone = [s[0] for s in rt.generate_steps([a], "s2-l4", [_greedy(8)])]
+    gen = rt.generate_steps([a, b], "s2-l4", [_greedy(8), _greedy(8)])
+    steps = [next(gen), next(gen)]
+    steps.append(gen.send([1]))  # abort row 1 before the third step
+    steps += list(gen)
+    assert all(s[1] is None for s in steps[2:]) and all(s[1] is not None for s in steps[:2])
+    assert [s[0] for s in steps] == alone
+    assert all(not e.requests for e in pool_for(rt)._idle)

@@ -82,6 +82,8 @@ def generate_steps(rt: "PaletteRuntime", prompts: list[list[int]], stitch_id: st
         rids = [engine.add_request(p, stitch_id, sp) for p, sp in zip(prompts, params)]
         while engine.has_unfinished():
             toks = engine.step()
-            yield [toks.get(r) for r in rids]
+            aborted = yield [toks.get(r) for r in rids]
+            for i in aborted or ():  # gen.send([row, ...]): those rows stop now and free their slots
+                engine.abort(rids[i])
     finally:
         pool.release(engine)
