@@ -313,7 +313,9 @@ def test_request_timeout_cancels(http, stitches):
     # down the chain; the ingress applies the same header (and its configured timeout, 504) itself.
     sid = stitches[3]["id"]
     m0 = metrics(http)
-    r = http.post("/v1/chat/completions", json={"model": CHAT, "messages": HI, "max_tokens": 900},
+    # greedy: the tiny pair's greedy decode of HI never emits EOS within 900 tokens on any stitch, so
+    # only the timeout can end this request (sampling could stop early and answer 200)
+    r = http.post("/v1/chat/completions", json={"model": CHAT, "messages": HI, "max_tokens": 900, "temperature": 0},
                   headers={"x-request-timeout-seconds": "0.3",
                            "X-Compute-Budget": f"{stitches[3]['params'] / 1e3 + 1:.0f}k"})
     assert r.status_code in (408, 504), (r.status_code, r.text)
@@ -393,7 +395,7 @@ def test_disconnect_stops_generation(served, http, stitches):
     sid = stitches[2]["id"]
     budget = f"{stitches[2]['params'] / 1e3 + 1:.0f}k"
     m0 = metrics(http)
-    body = {"model": CHAT, "messages": HI, "max_tokens": 950, "stream": True}
+    body = {"model": CHAT, "messages": HI, "max_tokens": 950, "stream": True, "temperature": 0}  # no early EOS
     with httpx.Client(base_url=served.base_url, headers={**served.auth, "X-Compute-Budget": budget},
                       timeout=60) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
