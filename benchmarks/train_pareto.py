@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from train_common import machine, run_adapt, scale, write_json, RESULTS
+from train_common import RESULTS, RUNS, machine, run_adapt, scale, write_json
 
 
 def plot(report: dict, path) -> None:
@@ -40,7 +40,7 @@ def plot(report: dict, path) -> None:
         ax.set_xlabel("GFLOPs per token (context 512)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=7, loc="best", framealpha=0.6)
     c = report["config"]
     fig.suptitle(f"{c['small']} -> {c['large']} on {c['data']}: {c['steps']} steps x {c['batch_size']} x "
                  f"{c['seq_len']} tokens, eval {report['summary'].get('n_eval', c['eval_size'])} examples",
@@ -59,9 +59,18 @@ def monotone_share(values: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pair", choices=["real", "tiny"], default="real")
+    ap.add_argument("--steps", type=int, help="a longer (or shorter) run than the shared budget; "
+                    "results get a _<steps>steps suffix and are not the ablations' baseline")
     args = ap.parse_args()
     (small, large), fields = scale(args.pair)
-    rep = run_adapt("baseline", args.pair)
+    suffix = ""
+    if args.steps and args.steps != fields["steps"]:
+        suffix = f"_{args.steps}steps"
+        fields.update(steps=args.steps, snip_warmup_steps=args.steps // 4)
+        rep = run_adapt(f"baseline{suffix}", args.pair, steps=args.steps, snip_warmup_steps=args.steps // 4,
+                        calibration_from=str(RUNS / f"{args.pair}-baseline"))
+    else:
+        rep = run_adapt("baseline", args.pair)
     rows = rep["stitches"]
     acc = {r["id"]: r["metrics"]["accuracy"] for r in rows}
     inside = [r for r in rows if r["kind"] == "stitch"]
@@ -84,8 +93,8 @@ def main() -> None:
         "top_score_rank_in_interval": [i["top_score_rank"] for i in intervals],
         "summary": rep["summary"], "trainable": rep["trainable"], "timings": rep["timings"],
     }
-    write_json(f"train_pareto_{args.pair}.json", result)
-    plot(rep, RESULTS / f"train_pareto_{args.pair}.png")
+    write_json(f"train_pareto_{args.pair}{suffix}.json", result)
+    plot(rep, RESULTS / f"train_pareto_{args.pair}{suffix}.png")
     print(f"accuracy small {lo:.3f} large {hi:.3f}; stitches {result['stitch_accuracy']}; "
           f"top score = best eval in {result['top_score_is_best_eval']} intervals")
 

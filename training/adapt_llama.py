@@ -139,16 +139,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         if name in REQUIRED:
             kw["required"] = True
-        elif f.default is not None:
+        elif f.default not in (None, False):
             help_ += f" (default: {f.default})"
-        if ann is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+        if ann is bool:  # on-by-default switches get a --no- form; off-by-default ones are plain flags
+            kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         elif typing.get_origin(ann) is typing.Literal:
             kw["choices"] = list(args)
         else:
             kw["type"] = ann
-            kw["metavar"] = {int: "N", float: "X", str: "PATH" if name in ("out", "checkpoint_dir") else "SRC"
-                             if name in ("small", "large", "data") else "STR"}[ann]
+            kw["metavar"] = {int: "N", float: "X", str: "PATH" if name in ("out", "checkpoint_dir", "calibration_from")
+                             else "SRC" if name in ("small", "large", "data") else "STR"}[ann]
         p.add_argument(_flag(name), help=help_, **kw)
 
 
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except StitchError as e:
         print(f"adapt: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint stays
+        print("adapt: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ class TrainingError(StitchError):
 # Fields that change how a run executes but not what it computes: they may differ on --resume and
 # stay out of the checkpoint's identity.
 RUNTIME_FIELDS = frozenset({"resume", "overwrite", "progress", "checkpoint_every", "checkpoint_dir",
-                            "keep_checkpoint", "stop_after"})
+                            "keep_checkpoint"})
 
 
 class TrainConfig(BaseModel):
@@ -99,8 +99,6 @@ class TrainConfig(BaseModel):
     resume: bool = Field(False, description="continue from the checkpoint of an interrupted run")
     overwrite: bool = Field(False, description="replace an existing palette / discard an old checkpoint")
     progress: bool = Field(True, description="progress bars on stderr")
-    stop_after: int | None = Field(None, ge=1, description="testing aid: checkpoint and stop (as on SIGTERM) "
-                                   "after this many steps")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
