@@ -104,6 +104,16 @@ def prepare_for_serving(model, dtype: torch.dtype) -> None:
     model.eval()
 
 
+def load_serving_pair(small: str, large: str, dtype: str = "bfloat16"):
+    """The anchor pair as a StitchedLM in the state PaletteRuntime serves it (PST at its init)."""
+    from stitchlib.anchors import load_anchor
+    from stitchlib.model import StitchedLM
+
+    model = StitchedLM(load_anchor(small, dtype=dtype, progress=False), load_anchor(large, dtype=dtype, progress=False))
+    prepare_for_serving(model, getattr(torch, dtype))
+    return model
+
+
 def write_result(name: str, data: dict, out_dir: str | Path | None = None) -> Path:
     d = Path(out_dir) if out_dir else RESULTS
     d.mkdir(parents=True, exist_ok=True)

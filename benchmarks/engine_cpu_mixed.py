@@ -16,7 +16,7 @@ import argparse
 import os
 import time
 
-from engine_common import batch_scenarios, env_info, pick_stitches, prepare_for_serving, write_result
+from engine_common import batch_scenarios, env_info, pick_stitches, load_serving_pair, write_result
 
 import torch
 
@@ -35,14 +35,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from stitchlib.anchors import load_anchor
-    from stitchlib.model import StitchedLM
 
     t0 = time.time()
     env = env_info("cpu")
-    model = StitchedLM(load_anchor(args.small, dtype="bfloat16", progress=False),
-                       load_anchor(args.large, dtype="bfloat16", progress=False))
-    prepare_for_serving(model, torch.bfloat16)
+    model = load_serving_pair(args.small, args.large)
     sels = ["adjacent", "spread"] if args.selection == "both" else [args.selection]
     res = {"benchmark": "engine_cpu_mixed", "env": env, "anchors": [args.small, args.large], "dtype": "bfloat16",
            "threads": args.threads, "prompt_len": args.prompt_len, "timed_steps": args.steps, "scenarios": {}}

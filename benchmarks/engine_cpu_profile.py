@@ -14,7 +14,7 @@ import argparse
 import os
 import time
 
-from engine_common import RESULTS, env_info, prepare_for_serving
+from engine_common import RESULTS, env_info, load_serving_pair
 
 import torch
 
@@ -31,15 +31,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "engine_profile_cpu_qwen.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from stitchlib.anchors import load_anchor
     from stitchlib.engine.profile import profile_stitches, save_profile
-    from stitchlib.model import StitchedLM
 
     t0 = time.time()
     env = env_info("cpu")
-    model = StitchedLM(load_anchor(args.small, dtype="bfloat16", progress=False),
-                       load_anchor(args.large, dtype="bfloat16", progress=False))
-    prepare_for_serving(model, torch.bfloat16)
+    model = load_serving_pair(args.small, args.large)
     ids = args.stitches or [s.id for s in model.stitches]
     profs = profile_stitches(model, ids, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                              batch_sizes=tuple(args.batch_sizes))

@@ -19,7 +19,7 @@ import argparse
 import math
 import statistics
 
-from train_common import RESULTS, RUNS, machine, run_adapt, scale, write_json
+from train_common import PAIRS, RESULTS, RUNS, machine, run_adapt, scale, write_json
 
 
 def matched_rank(trainable: dict, rank: int) -> int:
@@ -55,7 +55,7 @@ def plot(variants: dict[str, dict], path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pair", choices=["real", "tiny"], default="real")
+    ap.add_argument("--pair", choices=PAIRS, default="real")
     ap.add_argument("--variants", default="no_ssb,uniform,two_stage")
     args = ap.parse_args()
     (small, large), fields = scale(args.pair)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from train_common import RESULTS, RUNS, machine, run_adapt, scale, write_json
+from train_common import PAIRS, RESULTS, RUNS, machine, run_adapt, scale, write_json
 
 
 def plot(report: dict, path) -> None:
@@ -58,7 +58,7 @@ def monotone_share(values: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pair", choices=["real", "tiny"], default="real")
+    ap.add_argument("--pair", choices=PAIRS, default="real")
     ap.add_argument("--steps", type=int, help="a longer (or shorter) run than the shared budget; "
                     "results get a _<steps>steps suffix and are not the ablations' baseline")
     args = ap.parse_args()

@@ -32,6 +32,16 @@ def tiny_model(tiny_pair):
     return make
 
 
+def randomize_pst(model, scale=0.05, seed=1):
+    """Non-zero shared LoRA, stitching LoRA and stitch-specific biases (every trainable tensor, seeded):
+    every route then differs, so a test cannot pass by comparing identical paths."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Never let a test write into the user's real cache."""

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from conftest import randomize_pst
 from stitchlib.engine import EngineConfig, StaticKVCache, StitchEngine, build_plan
 from stitchlib.engine.profile import load_profile, profile_stitches, save_profile
 from stitchlib.runtime import SamplingParams
@@ -15,15 +16,6 @@ from stitchlib.space import StitchSpaceConfig
 
 N_NEW = 6
 N_REF = 12  # reference tokens computed once per (model, prompt, stitch); tests use prefixes
-
-
-def _randomize_pst(model, scale=0.05, seed=1):
-    """Non-zero shared LoRA, stitching LoRA and stitch-specific biases: every route differs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _prompts(n=4, seed=0, vocab=259):
@@ -80,7 +72,7 @@ def pst_model():
 
     torch.manual_seed(0)
     model = StitchedLM(load_anchor("tiny-small", dtype="float32"), load_anchor("tiny-large", dtype="float32"))
-    _randomize_pst(model)
+    randomize_pst(model)
     return model
 
 
@@ -126,7 +118,7 @@ def test_scattered_routes_use_index_rows(tiny_pair):
     torch.manual_seed(0)
     model = StitchedLM(load_anchor("tiny-small", dtype="float32"), load_anchor("tiny-small", dtype="float32"),
                        space=StitchSpaceConfig(kernel=2, stride=1))
-    _randomize_pst(model)
+    randomize_pst(model)
     key = tuple(range(len(model.stitches)))
     plan = build_plan(key, model.stitches, 4, 4, torch.device("cpu"))
     assert any(isinstance(g.sel, torch.Tensor) for g in plan.groups)

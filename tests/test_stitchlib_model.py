@@ -6,6 +6,7 @@ import inspect
 import pytest
 import torch
 
+from conftest import randomize_pst
 from stitchlib.calibrate import calibrate_, default_calibration_texts, least_squares, token_batches
 from stitchlib.model import lm_loss
 from stitchlib.pst import PSTConfig
@@ -14,15 +15,6 @@ from stitchlib.pst import PSTConfig
 def _ids(n=2, t=12, seed=0, vocab=259):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, t), generator=g)
-
-
-def _randomize_pst(model, scale=0.05, seed=1):
-    """Non-zero LoRA and SSB so every PST path actually changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def test_transformers_layer_signature_is_pinned():
@@ -98,7 +90,7 @@ def test_calibration_fits_large_inputs(tiny_model):
 @pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("bfloat16", 0.05)])
 def test_kv_cache_decoding_equals_full_forward(tiny_model, dtype, atol):
     model = tiny_model(dtype)
-    _randomize_pst(model)
+    randomize_pst(model)
     ids = _ids(t=10)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -116,7 +108,7 @@ def test_kv_cache_decoding_equals_full_forward(tiny_model, dtype, atol):
 
 def test_generate_greedy_matches_argmax_of_full_forward(tiny_model):
     model = tiny_model()
-    _randomize_pst(model)
+    randomize_pst(model)
     ids = _ids(n=1, t=8)
     out = model.generate(ids, "s1-l2", max_new_tokens=5)
     seq = ids
@@ -129,7 +121,7 @@ def test_generate_greedy_matches_argmax_of_full_forward(tiny_model):
 @pytest.mark.parametrize("dtype,atol", [("float32", 2e-5), ("bfloat16", 0.1)])
 def test_merged_equals_unmerged(tiny_model, dtype, atol):
     model = tiny_model(dtype)
-    _randomize_pst(model, scale=0.02)
+    randomize_pst(model, scale=0.02)
     ids = _ids()
     with torch.no_grad():
         before = {s.id: model(ids, s.id).float() for s in model.stitches}
@@ -142,7 +134,7 @@ def test_merged_equals_unmerged(tiny_model, dtype, atol):
 
 def test_merge_is_the_hand_computed_update(tiny_model):
     model = tiny_model()
-    _randomize_pst(model)
+    randomize_pst(model)
     lin = model.pst_small[0]  # layer 0 q_proj
     expected = lin.base.weight.detach().clone() + (lin.lora_b @ lin.lora_a).detach() * lin.scaling
     model.merge_lora_()
@@ -151,7 +143,7 @@ def test_merge_is_the_hand_computed_update(tiny_model):
 
 def test_gradients_reach_pst_and_never_frozen_weights(tiny_model):
     model = tiny_model()
-    _randomize_pst(model, scale=0.01)
+    randomize_pst(model, scale=0.01)
     ids = _ids()
     sid = "s2-l4"
     loss = lm_loss(model(ids, sid), ids)
