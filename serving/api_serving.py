@@ -282,6 +282,10 @@ class OpenAIServing:
                     text.append(item["text"])
                 elif item["type"] == "final":
                     final = item
+                elif item["type"] == "error":  # the replica's engine failed this request mid-way
+                    err = ServingError.from_value(item, ref.name)
+                    err.stitch = card.id
+                    return self.fail(err)
         except asyncio.TimeoutError:
             gen.cancel()
             return self.fail(ServingError(504, f"request timed out after {timeout:g}s", type="timeout",
@@ -364,6 +368,12 @@ class OpenAIServing:
                     yield chunk(None if chat else "", item["finish_reason"], stitch=card)
                     if include_usage:
                         yield chunk(None, usage=UsageInfo(**item["usage"]), empty=True)
+                elif item["type"] == "error":  # the replica's engine failed this request mid-way
+                    status = item["status"]
+                    yield sse(ErrorResponse(error=ErrorInfo(message=item["message"], type=item["error_type"],
+                                                            code=item["status"])))
+                    finished = True
+                    return
             finished = True
             yield "data: [DONE]\n\n"
         except asyncio.TimeoutError:

@@ -134,14 +134,18 @@ class StitchServeIngress:
 
 
 def _default_max_ongoing(p) -> int:
-    """Enough for one full batch per stitch, so `@serve.batch` can fill (DESIGN pitfall)."""
+    """Chat: the engine's slots plus as many requests waiting inside the replica, so a slot that frees
+    is refilled at the next engine step rather than after a round trip through Serve's queue.
+    Classify: one full batch per stitch, so each stitch's `@serve.batch` can fill (DESIGN pitfall)."""
+    if p.task != "classify":
+        return 2 * p.max_batch_size
     try:
         from stitchlib.palette import read_manifest
 
         n = len(read_manifest(p.path).deployed())
     except Exception:
         n = 4
-    return p.max_batch_size * p.max_concurrent_batches * max(n, 1)
+    return p.max_batch_size * max(n, 1)
 
 
 def build_app(args: dict[str, Any] | ServeConfig) -> Application:

@@ -58,8 +58,9 @@ class DeploymentOptions(_Strict):
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Ray Serve AutoscalingConfig: min_replicas, max_replicas, target_ongoing_requests, ...")
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="per replica; default max_batch_size x max_concurrent_batches x stitches "
-                                "(>= one full batch per stitch, so batches fill)")
+        None, ge=1, description="per replica; default for chat 2 x max_batch_size (the engine's slots plus as "
+                                "many requests waiting to take a slot the step it frees), for classify "
+                                "max_batch_size x stitches (every stitch's batch can fill)")
     max_queued_requests: int = Field(64, ge=-1, description="handle-side queue; beyond it 503 (-1: unbounded)")
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
     graceful_shutdown_wait_loop_s: float = Field(1.0, gt=0)
@@ -138,10 +139,18 @@ class PaletteDeploymentConfig(_Strict):
     # routing
     default_budget: str | None = Field(None, description="X-Compute-Budget applied when a request has none")
     percent_basis: PercentBasis = Field("gflops", description="what a '<n>%' budget is a share of")
-    # batching (one @serve.batch queue per stitch)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_concurrent_batches: int = Field(2, ge=1, description="per stitch; steps interleave on one thread")
+    # batching
+    max_batch_size: int = Field(8, ge=1, description="generation: rows decoded together in one engine step, "
+                                                     "whatever their stitches (the engine's KV-cache slots; "
+                                                     "more requests wait for a slot); classification: rows per "
+                                                     "batch of one stitch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="classification only: how long a batch waits to "
+                                                                "fill (a generation request joins the running "
+                                                                "batch at the next engine step)")
+    max_seq_len: int | None = Field(None, ge=2, description="positions per engine slot (prompt + output tokens); "
+                                                            "default max_prompt_tokens + max_tokens_limit, or the "
+                                                            "palette's context when max_prompt_tokens is unset; "
+                                                            "never more than the context")
     stream_interval_s: float = Field(0.02, ge=0, description="streamed deltas are coalesced to at most one per "
                                                              "interval (the first is sent at once): each item "
                                                              "crossing Ray costs about a millisecond of CPU")
@@ -155,6 +164,22 @@ class PaletteDeploymentConfig(_Strict):
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     ewma_alpha: float = Field(0.2, gt=0, le=1)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_concurrent_batches" in data:
+            raise ValueError("max_concurrent_batches was removed: generation is continuously batched (up to "
+                             "max_batch_size rows of any stitches per engine step) and classification batches "
+                             "run one at a time on the engine thread; delete the key")
+        return data
+
+    @property
+    def slot_positions(self) -> int | None:
+        """What a generation engine slot holds (None: the palette's context); see `max_seq_len`."""
+        if self.max_seq_len is not None:
+            return self.max_seq_len
+        return self.max_prompt_tokens + self.max_tokens_limit if self.max_prompt_tokens is not None else None
 
     @field_validator("default_budget")
     @classmethod

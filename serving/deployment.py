@@ -2,8 +2,11 @@
 
 At start-up it loads the runtime, profiles every deployed stitch on this replica's hardware and builds
 a `LatencyTracker`; per request it tokenizes, checks limits, routes by budget (`router.select_stitch`
-over the tracker's load-aware estimates), then joins that stitch's `@serve.batch` queue. Each stitch
-has its own batch queue, so only requests routed to the same stitch are batched together.
+over the tracker's load-aware estimates), then streams from the replica's ONE engine
+(`engine.RuntimeEngine`): generation is continuously batched across requests and stitches (one engine
+step decodes every running row, requests join and leave between steps), and every step's timing feeds
+the tracker. Classification is one forward per batch: it keeps a `@serve.batch` queue per stitch, and
+its batches run on the engine thread between steps.
 
 Everything the replica answers is a plain dict: either an error value `{"type": "error", ...}` (the
 ingress maps it to an HTTP status) or route / delta / final items. `build_app` in `app.py` turns this
@@ -21,9 +24,10 @@ from ray import serve
 
 from .budget import Budget, BudgetError, try_parse_budget
 from .config import PaletteDeploymentConfig
-from .engine import EngineClient, GenerationRow, RuntimeEngine
+from .engine import EngineClient, EngineError, GenerationRow, RuntimeEngine, StepStats
 from .latency import LatencyTracker
-from .metrics import RayServeStatLogger, RequestStats, SchedulerStats, StatLogger, StitchLatencyStats
+from .metrics import (EngineStepStats, RayServeStatLogger, RequestStats, SchedulerStats, StatLogger,
+                      StitchLatencyStats)
 from .protocol import ClassifyInput, GenerateInput, StitchCard, StitchStatus
 from .router import NoStitchFits, RouteDecision, StitchCandidate, select_stitch
 
@@ -84,11 +88,7 @@ class _Row:
 
     request_id: str
     stitch: str
-    prompt_ids: list[int]
-    params: Any
     admitted: float = field(default_factory=time.perf_counter)
-    started: float | None = None  # first engine step
-    state: str = "waiting"  # waiting -> running -> finished; waiting -> cancelled (gone before its batch)
 
 
 @dataclass
@@ -106,7 +106,8 @@ class PaletteServer:
         self.cfg = PaletteDeploymentConfig.model_validate(config)
         t0 = time.perf_counter()
         self.engine: EngineClient = RuntimeEngine.load(str(self.cfg.path), device=self.cfg.device,
-                                                       dtype=self.cfg.dtype)
+                                                       dtype=self.cfg.dtype, max_slots=self.cfg.max_batch_size,
+                                                       max_seq_len=self.cfg.slot_positions)
         self.model = self.cfg.name or self.engine.name
         self.task = self.engine.task
         self.stitch_info = {s.id: s for s in self.engine.stitches}
@@ -118,13 +119,13 @@ class PaletteServer:
             await self._warm_up()
         self.tracker = LatencyTracker(
             {sid: (p.prefill_s_per_token, p.decode_step_s) for sid, p in profiles.items()},
-            max_batch_size=self.cfg.max_batch_size, max_concurrent_batches=self.cfg.max_concurrent_batches,
-            alpha=self.cfg.ewma_alpha, default_output_tokens=self.cfg.default_max_tokens)
+            max_slots=self.cfg.max_batch_size, parts=self.engine.stitch_parts, alpha=self.cfg.ewma_alpha,
+            default_output_tokens=self.cfg.default_max_tokens)
         self.metrics = stat_logger or RayServeStatLogger()
         self.default_budget = try_parse_budget(self.cfg.default_budget) if self.cfg.default_budget else Budget()
+        # one classification batch at a time: they all run on the one engine thread anyway
         batch = dict(max_batch_size=self.cfg.max_batch_size, batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
-                     max_concurrent_batches=self.cfg.max_concurrent_batches)
-        self._gen_batchers = {sid: serve.batch(**batch)(self._make_gen_batch(sid)) for sid in self.stitch_info}
+                     max_concurrent_batches=1)
         self._cls_batchers = {sid: serve.batch(**batch)(self._make_cls_batch(sid)) for sid in self.stitch_info}
         self._live: dict[str, _Row | _ClsRow] = {}
         self._draining = False
@@ -135,18 +136,23 @@ class PaletteServer:
         for sid in self.stitch_info:
             self._record_latency(sid)
         self._record_scheduler()
+        self.engine.on_step = self._on_step  # after the warm-up: its steps must not land on the EWMA
         log.info("palette %s (%s): %d stitches profiled in %.1fs", self.model, self.task, len(profiles),
                  time.perf_counter() - t0)
 
     async def _warm_up(self) -> None:
-        """One short generation before taking traffic: the runtime builds its decode engine (caches,
-        graphs) on first use, which should not land on the first request or on the EWMA."""
+        """One short generation before taking traffic: the engine is built (caches, graphs) on first
+        use, which should not land on the first request or on the EWMA."""
         from stitchlib.runtime import SamplingParams
 
-        rows = [GenerationRow("warm-up", self.engine.encode("warm up")[:8] or [0],
-                              SamplingParams(max_tokens=2, temperature=0.0))]
-        async for _ in self.engine.generate(rows, self.engine.stitches[0].id):
-            pass
+        row = GenerationRow("warm-up", self.engine.encode("warm up")[:8] or [0],
+                            SamplingParams(max_tokens=2, temperature=0.0))
+        stream = self.engine.stream(row, self.engine.stitches[0].id)
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            stream.close()
 
     # ---- metrics helpers -------------------------------------------------------------------------
     def _record_latency(self, sid: str) -> None:
@@ -156,14 +162,25 @@ class PaletteServer:
         self.metrics.record_latency(StitchLatencyStats(self.model, sid, p.prefill_s_per_token, b1, est.token_s))
 
     def _record_scheduler(self) -> None:
-        running = {sid: 0 for sid in self.stitch_info}
-        waiting = {sid: 0 for sid in self.stitch_info}
+        """Running rows and waiting requests per stitch: as the engine reported them after its last
+        step, plus classification rows (they wait for their batch)."""
+        in_engine, queued = self.engine.occupancy()
+        running = {sid: in_engine.get(sid, 0) for sid in self.stitch_info}
+        waiting = {sid: queued.get(sid, 0) for sid in self.stitch_info}
         for r in self._live.values():
-            if isinstance(r, _Row) and r.state == "running":
-                running[r.stitch] += 1
-            else:
+            if isinstance(r, _ClsRow):
                 waiting[r.stitch] += 1
         self.metrics.record_scheduler(SchedulerStats(self.model, running, waiting))
+
+    def _on_step(self, st: StepStats) -> None:
+        """After every engine step, on the event loop, before that step's tokens are handed out."""
+        if st.seconds > 0:
+            self.tracker.observe_step(st.seconds, st.decode_rows, st.prefill_tokens)
+            if st.decode_rows:
+                self.metrics.record_step(EngineStepStats(self.model, sum(st.decode_rows.values()),
+                                                         len(st.decode_rows), st.seconds))
+        if st.admitted or st.finished or st.seconds == 0:
+            self._record_scheduler()
 
     # ---- routing ----------------------------------------------------------------------------------
     def _budget(self, text: str | None) -> Budget | BudgetError:
@@ -210,43 +227,9 @@ class PaletteServer:
 
     @property
     def prompt_limit(self) -> int:
-        return min(self.cfg.max_prompt_tokens or self.engine.max_context, self.engine.max_context - 1)
+        return min(self.cfg.max_prompt_tokens or self.engine.max_context, self.engine.max_seq_len - 1)
 
     # ---- generation -------------------------------------------------------------------------------
-    def _make_gen_batch(self, sid: str):
-        async def gen_batch(rows: list[_Row]) -> AsyncIterator[list[Any]]:
-            now = time.perf_counter()
-            # a caller that went away while queued is not computed (Serve drops cancelled futures too,
-            # but the batch may have formed just before the cancellation)
-            ended = [r.state == "cancelled" for r in rows]
-            live = [r for r, e in zip(rows, ended) if not e]
-            if not live:
-                return
-            for r in live:
-                r.state, r.started = "running", now
-            self._record_scheduler()
-            gen_rows = [GenerationRow(r.request_id, r.prompt_ids, r.params) for r in live]
-            where = [i for i, e in enumerate(ended) if not e]  # engine row -> batch position
-            async for step in self.engine.generate(gen_rows, sid):
-                if step.index == 0:
-                    self.tracker.observe_prefill(sid, step.prompt_tokens, step.seconds)
-                else:
-                    self.tracker.observe_decode(sid, step.batch_size, step.seconds)
-                out: list[Any] = [StopIteration] * len(rows)
-                for j, tok in enumerate(step.tokens):
-                    i = where[j]
-                    if ended[i] or tok is None:
-                        ended[i] = True
-                        rows[i].state = "finished"
-                    else:
-                        out[i] = tok
-                yield out
-            for r in live:
-                r.state = "finished"
-
-        gen_batch.__name__ = f"generate_{sid}"
-        return gen_batch
-
     async def generate(self, inp: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream: one `route` item (or one error value), then `delta` items, then one `final` item."""
         req = GenerateInput.model_validate(inp)
@@ -264,7 +247,7 @@ class PaletteServer:
             yield error_value(400, f"the prompt has {len(ids)} tokens, over this model's limit of "
                                    f"{self.prompt_limit}", type="context_length_exceeded", param="messages")
             return
-        room = self.engine.max_context - len(ids)
+        room = self.engine.max_seq_len - len(ids)
         if req.max_tokens is not None:
             if req.max_tokens > self.cfg.max_tokens_limit:
                 yield error_value(400, f"max_tokens {req.max_tokens} is over the limit of "
@@ -272,7 +255,7 @@ class PaletteServer:
                 return
             if req.max_tokens > room:
                 yield error_value(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
-                                       f"context of {self.engine.max_context}",
+                                       f"context of {self.engine.max_seq_len}",
                                   type="context_length_exceeded", param="max_tokens")
                 return
             max_tokens = req.max_tokens
@@ -294,12 +277,20 @@ class PaletteServer:
 
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 seed=req.seed)
-        row = _Row(req.request_id, sid, ids, params)
+        row = _Row(req.request_id, sid)
         self._live[row.request_id] = row
         self.tracker.begin(sid)
+        try:
+            stream = self.engine.stream(GenerationRow(req.request_id, ids, params), sid)
+        except EngineError as e:
+            self._live.pop(row.request_id, None)
+            self.tracker.end(sid)
+            yield error_value(503, f"cannot generate now: {e}", type="unavailable",
+                              headers={"Retry-After": str(self.cfg.retry_after_s)})
+            return
         self._record_scheduler()
         detok = IncrementalDetokenizer(self.engine.decode, req.stop)
-        n_out, last_tok, t_first, t_prev = 0, None, None, None
+        n_out, t_first, t_prev = 0, None, None
         itl: list[float] = []
         finish = None
         # Deltas are coalesced: every item crossing Ray to the ingress costs CPU on the replica, so a
@@ -308,7 +299,7 @@ class PaletteServer:
         pending: list[str] = []
         sent_any, last_sent = False, 0.0
         try:
-            async for tok in self._gen_batchers[sid](row):
+            async for tok in stream:
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
@@ -316,7 +307,6 @@ class PaletteServer:
                     itl.append(now - t_prev)
                 t_prev = now
                 n_out += 1
-                last_tok = tok
                 delta = detok.push(tok)
                 if delta:
                     pending.append(delta)
@@ -328,27 +318,26 @@ class PaletteServer:
                     pending.clear()
                     sent_any, last_sent = True, now
             if finish is None:
-                stopped_early = last_tok in self.engine.eos_ids or n_out < max_tokens
-                finish = "stop" if stopped_early else "length"
+                finish = "length" if stream.finish_reason == "length" else "stop"
             pending.append(detok.flush())
             if "".join(pending):
                 yield {"type": "delta", "text": "".join(pending)}
             yield {"type": "final", "finish_reason": finish,
                    "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out,
                              "total_tokens": len(ids) + n_out}}
+        except EngineError as e:  # the engine failed or aborted this request: an error value, not a hang
+            log.warning("generation %s failed: %s", req.request_id, e)
+            yield error_value(500, f"generation failed: {e}", type="internal_error")
         finally:
-            # stop string, disconnect or timeout: free the slot and stop computing this row
-            if row.state == "waiting":
-                row.state = "cancelled"
-            elif row.state == "running":
-                self.engine.abort(row.request_id)
+            # stop string, disconnect or timeout: the row leaves the engine at the next step boundary
+            stream.close()
             self._live.pop(row.request_id, None)
             self.tracker.end(sid, n_out)
             self._record_scheduler()
             self._record_latency(sid)
             self.metrics.record_request(RequestStats(
                 self.model, sid, len(ids), n_out, time.perf_counter() - t_arrival,
-                queue_s=(row.started - row.admitted) if row.started else None,
+                queue_s=(stream.started - row.admitted) if stream.started else None,
                 ttft_s=(t_first - t_arrival) if t_first else None, itl_s=itl))
 
     # ---- classification ---------------------------------------------------------------------------
@@ -417,8 +406,11 @@ class PaletteServer:
         return out
 
     async def ready(self) -> dict[str, Any]:
+        running, waiting = self.engine.occupancy()
         return {"model": self.model, "ready": not self._draining, "replica": self.replica,
-                "inflight": len(self._live)}
+                "inflight": len(self._live),
+                "engine": {"slots": self.cfg.max_batch_size, "running": sum(running.values()),
+                           "waiting": sum(waiting.values()), **self.engine.counters()}}
 
     async def check_health(self) -> None:
         """Serve's periodic health check: the engine thread must answer."""
@@ -426,7 +418,7 @@ class PaletteServer:
 
     async def __del__(self) -> None:
         # Serve has already drained ongoing requests (graceful_shutdown_timeout_s); refuse new ones and
-        # abort whatever is left so batches stop computing, then stop the engine thread.
+        # abort whatever is left (their streams end with an error value), then stop the engine thread.
         self._draining = True
         for rid in list(self._live):
             self.engine.abort(rid)

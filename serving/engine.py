@@ -1,22 +1,25 @@
 """Engine interface the deployment talks to, and its implementation over `stitchlib.runtime.PaletteRuntime`.
 
-The runtime is synchronous and CPU/GPU-bound; the engine runs every runtime call on ONE dedicated
-thread per replica so that (a) the asyncio loop keeps serving HTTP while a step runs, (b) steps of
-concurrent batches (different stitches) interleave step by step, which is what the latency model in
-`latency.py` assumes, and (c) a runtime generator is always advanced on the thread that created it.
+`RuntimeEngine` serves generation by mixed-stitch continuous batching on ONE
+`stitchlib.engine.StitchEngine` per replica, driven by one thread (`scheduler.EngineLoop`): requests
+on different stitches share each decode step, join between steps and leave (finished or aborted)
+without disturbing the others. Classification, profiling and the health check run on the same
+thread between steps, so the model is only ever touched by that thread and the asyncio loop keeps
+serving HTTP while a step runs.
 """
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EngineClient", "EngineStep", "GenerationRow", "RuntimeEngine"]
+from .scheduler import EngineError, EngineLoop, GenerationStream, StepStats
+
+__all__ = ["EngineClient", "EngineError", "GenerationRow", "GenerationStream", "RuntimeEngine", "StepStats",
+           "decode_parts"]
 
 
 @dataclass
@@ -26,38 +29,40 @@ class GenerationRow:
     params: Any  # stitchlib.runtime.SamplingParams
 
 
-@dataclass
-class EngineStep:
-    """One decode step of a batch: the new token per row (None: finished or aborted), and timings."""
-
-    index: int  # 0 = the step that includes prefill
-    tokens: list[int | None]
-    seconds: float  # compute time of this step on the engine thread
-    batch_size: int  # rows still running when the step began
-    prompt_tokens: int  # padded prefill tokens (step 0 only; else 0)
-
-
 class EngineClient(ABC):
     """What the palette deployment needs from a model engine."""
 
     name: str
     task: str
     labels: list[str] | None
-    max_context: int
+    max_context: int  # the model's context
+    max_seq_len: int  # positions one generation request may use here (prompt + output)
+    max_slots: int  # rows decoded together
     stitches: list[Any]  # stitchlib.runtime.StitchInfo, cheapest first
+    stitch_parts: dict[str, dict[str, int]]  # stitch -> weight part -> parameters a decode step reads
     eos_ids: set[int]
+    on_step: Callable[[StepStats], None] | None  # called on the event loop after every engine step
 
     @abstractmethod
-    def generate(self, rows: list[GenerationRow], stitch_id: str) -> AsyncIterator[EngineStep]:
-        """Run one batch on one stitch; one EngineStep per decode step until every row is done."""
+    def stream(self, row: GenerationRow, stitch_id: str) -> GenerationStream:
+        """Start generating `row` on `stitch_id`: its tokens, one per engine step, until it finishes.
+        Closing the stream (or cancelling its consumer) aborts the row at the next step boundary."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop producing for this request now (its stream raises EngineError); no-op when it is gone."""
+
+    @abstractmethod
+    def occupancy(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(running rows, requests waiting for a slot) per stitch, as the engine last reported."""
+
+    @abstractmethod
+    def counters(self) -> dict[str, int]:
+        """Engine step counters: steps, mixed_steps (more than one stitch decoded), max_stitches_per_step, ..."""
 
     @abstractmethod
     async def classify(self, texts: list[str], stitch_id: str) -> tuple[list[dict[str, float]], float]:
         """-> (label -> probability per text, compute seconds)."""
-
-    @abstractmethod
-    def abort(self, request_id: str) -> None:
-        """Stop producing for this request; a batch whose rows are all aborted stops computing."""
 
     @abstractmethod
     async def check_health(self) -> None:
@@ -80,37 +85,57 @@ class EngineClient(ABC):
     async def shutdown(self) -> None: ...
 
 
+def decode_parts(model: Any, stitch_id: str) -> dict[str, int]:
+    """The weight parts one decode step of `stitch_id` reads (`stitchlib.space.stitch_parts` without the
+    embeddings: a step looks up one embedding row per token, it does not read the table)."""
+    from stitchlib.space import stitch_parts
+
+    parts = stitch_parts(model.get(stitch_id), model.small_anchor.stats, model.large_anchor.stats)
+    return {k: v for k, v in parts.items() if not k.endswith(".embed")}
+
+
+def _init_thread() -> None:
+    import torch
+
+    torch.set_grad_enabled(False)
+
+
 class RuntimeEngine(EngineClient):
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Any, *, max_slots: int = 8, max_seq_len: int | None = None) -> None:
         self.rt = runtime
         self.name = runtime.name
         self.task = runtime.task
         self.labels = runtime.labels
         self.max_context = runtime.max_context
+        self.max_seq_len = min(runtime.max_context, max_seq_len or runtime.max_context)
+        self.max_slots = max_slots
         self.stitches = list(runtime.stitches)
-        self.eos_ids = {t for t in [runtime.tokenizer.eos_token_id] if isinstance(t, int)}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stitch-engine",
-                                        initializer=self._init_thread)
-        self._aborted: set[str] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-
-    @staticmethod
-    def _init_thread() -> None:
-        import torch
-
-        torch.set_grad_enabled(False)
+        self.stitch_parts = {s.id: decode_parts(runtime.model, s.id) for s in self.stitches}
+        self.eos_ids = set(runtime.eos_token_ids)
+        self._loop = EngineLoop(self._build, thread_init=_init_thread)
 
     @classmethod
-    def load(cls, path: str, *, device: str = "cpu", dtype: str = "bfloat16") -> "RuntimeEngine":
+    def load(cls, path: str, *, device: str = "cpu", dtype: str = "bfloat16", max_slots: int = 8,
+             max_seq_len: int | None = None) -> "RuntimeEngine":
         from stitchlib.runtime import PaletteRuntime
 
-        return cls(PaletteRuntime.load(path, device=device, dtype=dtype))
+        return cls(PaletteRuntime.load(path, device=device, dtype=dtype), max_slots=max_slots,
+                   max_seq_len=max_seq_len)
 
-    async def _run(self, fn, *args):
-        if self._closed:
-            raise RuntimeError("engine is shut down")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    def _build(self) -> Any:
+        """On the engine thread, at the first generation: caches for max_slots x max_seq_len positions."""
+        from stitchlib.engine import EngineConfig
+        from stitchlib.engine.pool import engine_for_runtime
+
+        return engine_for_runtime(self.rt, EngineConfig(max_slots=self.max_slots, max_seq_len=self.max_seq_len))
+
+    @property
+    def on_step(self) -> Callable[[StepStats], None] | None:  # type: ignore[override]
+        return self._loop.on_step
+
+    @on_step.setter
+    def on_step(self, fn: Callable[[StepStats], None] | None) -> None:
+        self._loop.on_step = fn
 
     # ---- text ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -123,89 +148,35 @@ class RuntimeEngine(EngineClient):
         return self.rt.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     # ---- generation ----------------------------------------------------------------------------
+    def stream(self, row: GenerationRow, stitch_id: str) -> GenerationStream:
+        return self._loop.submit(row.request_id, row.prompt_ids, stitch_id, row.params)
+
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._aborted.add(request_id)
+        self._loop.abort(request_id)
 
-    def _is_aborted(self, rid: str) -> bool:
-        with self._lock:
-            return rid in self._aborted
+    def occupancy(self) -> tuple[dict[str, int], dict[str, int]]:
+        return dict(self._loop.running), dict(self._loop.waiting)
 
-    def _forget(self, rids: list[str]) -> None:
-        with self._lock:
-            self._aborted.difference_update(rids)
+    def counters(self) -> dict[str, int]:
+        return dict(self._loop.counters)
 
-    async def generate(self, rows: list[GenerationRow], stitch_id: str) -> AsyncIterator[EngineStep]:
-        rids = [r.request_id for r in rows]
-        prompts = [r.prompt_ids for r in rows]
-        padded = max(len(p) for p in prompts) * len(prompts)
-        gen: Iterator[list[int | None]] | None = None
-        done = [False] * len(rows)
-
-        def start() -> None:
-            nonlocal gen
-            gen = self.rt.generate_steps(prompts, stitch_id, [r.params for r in rows])
-
-        def step() -> tuple[list[int | None] | None, float]:
-            t0 = time.perf_counter()
-            try:
-                out = next(gen)  # type: ignore[arg-type]
-            except StopIteration:
-                out = None
-            return out, time.perf_counter() - t0
-
-        def close() -> None:
-            if gen is not None:
-                gen.close()  # runs the runtime's finally on the thread that owns it
-
-        try:
-            await self._run(start)
-            index = 0
-            while True:
-                running = sum(1 for i, r in enumerate(rids) if not done[i] and not self._is_aborted(r))
-                if running == 0:
-                    return  # every row finished or aborted: stop computing
-                toks, secs = await self._run(step)
-                if toks is None:
-                    return
-                out: list[int | None] = []
-                for i, t in enumerate(toks):
-                    if done[i] or self._is_aborted(rids[i]):
-                        done[i] = True
-                        out.append(None)
-                    else:
-                        out.append(t)
-                        if t is None:
-                            done[i] = True
-                yield EngineStep(index, out, secs, running, padded if index == 0 else 0)
-                index += 1
-        finally:
-            # Never leave the runtime generator half-run: close it on its own thread, even when the
-            # consumer was cancelled (shielded so cancellation does not skip the close).
-            if not self._closed:
-                try:
-                    await asyncio.shield(self._run(close))
-                except (asyncio.CancelledError, RuntimeError):
-                    pass
-            self._forget(rids)
-
+    # ---- everything else, between steps ---------------------------------------------------------
     async def classify(self, texts: list[str], stitch_id: str) -> tuple[list[dict[str, float]], float]:
         def run() -> tuple[list[dict[str, float]], float]:
             t0 = time.perf_counter()
             out = self.rt.classify(texts, stitch_id)
             return out, time.perf_counter() - t0
 
-        return await self._run(run)
+        return await self._loop.call(run)
 
     async def profile(self, **kw: Any) -> dict[str, Any]:
-        return await self._run(lambda: self.rt.profile(**kw))
+        return await self._loop.call(lambda: self.rt.profile(**kw))
 
     async def check_health(self) -> None:
-        if self._closed:
-            raise RuntimeError("engine is shut down")
-        # the engine thread must answer: a wedged step shows up as a failing health check
-        await asyncio.wait_for(self._run(lambda: None), timeout=60)
+        if not self._loop.alive:
+            raise EngineError("the engine is shut down" if self._loop.closed else "the engine thread died")
+        # the engine thread must answer between two steps: a wedged step fails the health check
+        await asyncio.wait_for(self._loop.call(lambda: None), timeout=60)
 
     async def shutdown(self) -> None:
-        self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        await self._loop.shutdown()

@@ -1,21 +1,42 @@
 """Latency estimates per stitch on this replica: start-up profile x online correction x current load.
 
-Model (all times in seconds; B = max batch size, C = concurrent batches per stitch):
-  * `step(s, b)`: the profiled decode-step time of stitch s at batch size b, interpolated between the
-    profiled sizes, made non-decreasing in b (a smaller time at a larger batch means the smaller-batch
-    figure was noise), extrapolated linearly past the largest profiled size.
-  * Online correction: every observed step updates an EWMA of observed / predicted, per stitch, with a
-    replica-wide EWMA as the fallback for stitches not yet used. Observed step times are pure compute
-    (timed around the engine call), so load is not counted twice.
-  * Load: one executor thread runs every stitch's steps in turn, so a token of stitch s waits for one
-    step of every other stitch that has work: token(s) = c_s step(s, b_s) + sum_{s' busy} c_s' step(s', b_s'),
-    b = min(active + 1, B). A request beyond B x C in-flight rows on its stitch waits whole rounds.
+The replica decodes with mixed-stitch continuous batching (`serving/engine.py`): ONE engine step
+decodes every running row, whatever its stitch, and a decoder block runs once for all rows that
+need it. Model (all times in seconds; M = engine slots, i.e. rows decoded together):
+
+  * `step(s, b)`: the profiled decode-step time of stitch s alone at batch size b, interpolated
+    between the profiled sizes, made non-decreasing in b (a smaller time at a larger batch means the
+    smaller-batch figure was noise), extrapolated linearly past the largest profiled size.
+  * A step decoding rows R = {stitch: rows} reads the UNION of the weight parts of R's stitches once
+    (decode is bandwidth bound: its time follows the bytes it reads), so
+
+        step(R) = c_ref x step(ref, |R|) x size(union of R's parts) / size(ref)
+
+    with ref the stitch of R with the most weight (its profile covers most of the union, so it needs
+    the smallest extrapolation; on a single-stitch step this is exactly c_s x step(s, b)).
+    `parts[s]` names each weight part s runs (`stitchlib.space.stitch_parts`: blocks, stitching
+    layer, head) with its size; parts with the same name are shared. Without parts every stitch is
+    one part of its own: nothing is shared and a mixed step costs the sum of its stitches.
+  * Online correction c_s: every observed step updates an EWMA of observed / predicted for each
+    stitch in it (decode and prefill separately), with a replica-wide EWMA as the fallback for
+    stitches not yet used. A step that both decodes and admits (prefills) requests is split by the
+    corrected predictions of its two parts, scaled by the same observed/predicted factor. Observed
+    times are pure compute (timed around the engine call), so load is not counted twice.
+  * Load: a new request on stitch s joins the rows in flight (`active`, per stitch): every token it
+    gets costs one step of R = active + {s: 1}, with |R| capped at M. Rows beyond M wait for a slot;
+    a slot frees about every out_tokens / M steps (M rows each needing ~out_tokens tokens), so
+    waiting for k slots takes ~k x out_tokens / M steps. Its first token comes from the step that
+    admits it: its prefill plus one decode step of the rows already running.
+  * Classification runs one batch (`@serve.batch`, up to M rows of one stitch) at a time on the same
+    engine thread: a request waits for the other stitches' busy batches and for whole batches of its
+    own stitch ahead of it.
 """
 from __future__ import annotations
 
 import bisect
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,17 +95,25 @@ class LatencyEstimate:
     queue_s: float
 
 
-class LatencyTracker:
-    """Thread-safe: the engine thread records observations while the event loop asks for estimates."""
+def _clip(ratio: float) -> float:
+    return min(max(ratio, RATIO_CLIP[0]), RATIO_CLIP[1])
 
-    def __init__(self, profiles: dict[str, tuple[float, dict[int, float]]], *, max_batch_size: int,
-                 max_concurrent_batches: int = 1, alpha: float = 0.2, default_output_tokens: int = 16) -> None:
+
+class LatencyTracker:
+    """Thread-safe: observations and estimates may come from different threads."""
+
+    def __init__(self, profiles: dict[str, tuple[float, dict[int, float]]], *, max_slots: int,
+                 parts: Mapping[str, Mapping[str, float]] | None = None, alpha: float = 0.2,
+                 default_output_tokens: int = 16) -> None:
         if not profiles:
             raise ValueError("no stitch profiles")
         self.prefill_s_per_token = {s: float(p) for s, (p, _) in profiles.items()}
         self.decode_step_s = {s: monotone_profile(d) for s, (_, d) in profiles.items()}
-        self.B = max_batch_size
-        self.C = max_concurrent_batches
+        self.M = max_slots
+        self.parts = {s: dict(parts[s]) if parts is not None else {s: 1.0} for s in profiles}
+        self.size = {s: float(sum(p.values())) for s, p in self.parts.items()}
+        if any(v <= 0 for v in self.size.values()):
+            raise ValueError("every stitch needs weight parts of positive size")
         self._decode_corr = {s: Ewma(alpha) for s in profiles}
         self._prefill_corr = {s: Ewma(alpha) for s in profiles}
         self._global_decode = Ewma(alpha, 1.0)
@@ -108,6 +137,33 @@ class LatencyTracker:
     def queue_depth(self) -> int:
         return sum(self.active.values())
 
+    # ---- the mixed-step model ------------------------------------------------------------------
+    def union_size(self, stitches: list[str]) -> float:
+        """Size of the union of the stitches' weight parts (a shared part counts once)."""
+        union: dict[str, float] = {}
+        for s in stitches:
+            union.update(self.parts[s])
+        return float(sum(union.values()))
+
+    def _reference(self, stitches: list[str]) -> str:
+        return max(stitches, key=lambda s: (self.size[s], self.decode_step_s[s][min(self.decode_step_s[s])], s))
+
+    def predict_step(self, rows: Mapping[str, int]) -> tuple[float, str]:
+        """Uncorrected seconds of one decode step of `rows` (stitch -> rows), and its reference stitch."""
+        present = [s for s, k in rows.items() if k > 0]
+        if not present:
+            raise ValueError("a step needs at least one row")
+        ref = self._reference(present)
+        n = min(sum(rows[s] for s in present), self.M)  # rows beyond the slots wait, they do not decode
+        return interpolate_step(self.decode_step_s[ref], n) * self.union_size(present) / self.size[ref], ref
+
+    def step_s(self, rows: Mapping[str, int]) -> float:
+        """Corrected seconds of one decode step of `rows` (stitch -> rows); 0 for no rows."""
+        if not any(k > 0 for k in rows.values()):
+            return 0.0
+        pred, ref = self.predict_step(rows)
+        return self.correction(ref) * pred
+
     # ---- observations --------------------------------------------------------------------------
     def correction(self, stitch: str, kind: Literal["decode", "prefill"] = "decode") -> float:
         own = (self._decode_corr if kind == "decode" else self._prefill_corr)[stitch]
@@ -115,52 +171,70 @@ class LatencyTracker:
         return own.value if own.value is not None else glob.value  # type: ignore[return-value]
 
     @staticmethod
-    def _update(own: Ewma, glob: Ewma, ratio: float) -> None:
-        if own.value is None:  # a stitch's first observation starts from the replica-wide figure
-            own.value = glob.value
-        own.update(ratio)
+    def _update(owns: list[Ewma], glob: Ewma, ratio: float) -> None:
+        for own in owns:
+            if own.value is None:  # a stitch's first observation starts from the replica-wide figure
+                own.value = glob.value
+            own.update(ratio)
         glob.update(ratio)
 
-    def observe_decode(self, stitch: str, batch: int, seconds: float) -> None:
-        pred = interpolate_step(self.decode_step_s[stitch], batch)
-        if pred <= 0 or seconds <= 0:
+    def observe_step(self, seconds: float, decode_rows: Mapping[str, int],
+                     prefill_tokens: Mapping[str, int] | None = None) -> None:
+        """One engine step: `decode_rows` (stitch -> rows decoded) and `prefill_tokens` (stitch ->
+        padded prompt tokens of the requests it admitted) took `seconds` together."""
+        decode = {s: k for s, k in decode_rows.items() if k > 0}
+        prefill = {s: t for s, t in (prefill_tokens or {}).items() if t > 0}
+        if seconds <= 0 or not (decode or prefill):
             return
-        r = min(max(seconds / pred, RATIO_CLIP[0]), RATIO_CLIP[1])
         with self._lock:
-            self._update(self._decode_corr[stitch], self._global_decode, r)
+            pred_d, ref = self.predict_step(decode) if decode else (0.0, None)
+            pred_p = {s: self.prefill_s_per_token[s] * t for s, t in prefill.items()}
+            c_d = self.correction(ref) if ref is not None else 1.0
+            c_p = {s: self.correction(s, "prefill") for s in prefill}
+            expected = c_d * pred_d + sum(c_p[s] * pred_p[s] for s in prefill)
+            if expected <= 0:
+                return
+            # How far off this step was; every part is scaled by it (for a step with one part this is
+            # plain observed / profiled).
+            k = seconds / expected
+            if decode:
+                self._update([self._decode_corr[s] for s in decode], self._global_decode, _clip(c_d * k))
+            for s in prefill:
+                self._update([self._prefill_corr[s]], self._global_prefill, _clip(c_p[s] * k))
+
+    def observe_decode(self, stitch: str, batch: int, seconds: float) -> None:
+        self.observe_step(seconds, {stitch: batch})
 
     def observe_prefill(self, stitch: str, tokens: int, seconds: float) -> None:
-        pred = self.prefill_s_per_token[stitch] * tokens
-        if pred <= 0 or seconds <= 0:
-            return
-        r = min(max(seconds / pred, RATIO_CLIP[0]), RATIO_CLIP[1])
-        with self._lock:
-            self._update(self._prefill_corr[stitch], self._global_prefill, r)
+        self.observe_step(seconds, {}, {stitch: tokens})
 
     # ---- estimates -----------------------------------------------------------------------------
-    def step_s(self, stitch: str, batch: int) -> float:
-        """Corrected decode-step time of `stitch` at `batch`, without load from other stitches."""
-        return self.correction(stitch) * interpolate_step(self.decode_step_s[stitch], batch)
-
     def estimate(self, stitch: str, *, prompt_tokens: int, max_tokens: int = 1, task: Task = "chat",
                  batch_rows: int = 1) -> LatencyEstimate:
         """What a new request of `batch_rows` rows would see on `stitch` now."""
         with self._lock:
             active = dict(self.active)
             out_tokens = self._out_tokens.value or 1.0
-        n = active[stitch]
-        b = min(n + batch_rows, self.B)
-        others = sum(self.step_s(s, min(k, self.B)) for s, k in active.items() if k > 0 and s != stitch)
-        prefill = (self.correction(stitch, "prefill") * self.prefill_s_per_token[stitch]
-                   * max(prompt_tokens, 1) * b) + others
-        # whole rounds of B x C rows already ahead of us on this stitch
-        rounds = max(0, math.ceil((n + batch_rows) / (self.B * self.C)) - 1)
+        prompt = max(prompt_tokens, 1)
         if task == "classify":
-            per_round = prefill
-            queue = rounds * per_round
-            total = queue + prefill
-            return LatencyEstimate(token_s=total, request_s=total, prefill_s=prefill, queue_s=queue)
-        token = self.step_s(stitch, b) + others
-        queue = rounds * (prefill + out_tokens * token)
+            def batch_s(s: str, rows: int) -> float:
+                return self.correction(s, "prefill") * self.prefill_s_per_token[s] * prompt * min(rows, self.M)
+
+            n = active[stitch]
+            own = batch_s(stitch, n + batch_rows)
+            others = sum(batch_s(s, k) for s, k in active.items() if k > 0 and s != stitch)
+            rounds = max(0, math.ceil((n + batch_rows) / self.M) - 1)  # whole batches of ours ahead
+            total = (rounds + 1) * (own + others)
+            return LatencyEstimate(token_s=total, request_s=total, prefill_s=own + others,
+                                   queue_s=rounds * (own + others))
+        running = {s: k for s, k in active.items() if k > 0}
+        joined = dict(running)
+        joined[stitch] = joined.get(stitch, 0) + batch_rows
+        n = sum(joined.values())
+        token = self.step_s(joined)
+        ahead = max(0, n - self.M)  # rows (ours last) beyond the slots: each waits for a slot to free
+        queue = ahead * out_tokens / self.M * token
+        prefill = (self.correction(stitch, "prefill") * self.prefill_s_per_token[stitch] * prompt * batch_rows
+                   + self.step_s(running))  # the admitting step also decodes the running rows
         total = queue + prefill + max(max_tokens - 1, 0) * token
         return LatencyEstimate(token_s=token, request_s=total, prefill_s=prefill, queue_s=queue)

@@ -1,7 +1,8 @@
 """Metrics in vLLM's style: plain stats dataclasses -> one logger -> Prometheus.
 
 Names carry the `stitchserve_` prefix and units (`_seconds`, `_tokens`); labels are the fixed set
-(model, stitch) plus `status` on the request counter. Inside Serve replicas the logger writes through
+(model, stitch) plus `status` on the request counter; the engine-step histograms (one step serves every
+stitch) carry `model` only. Inside Serve replicas the logger writes through
 `ray.serve.metrics` (plain prometheus_client registries do not survive pickling into replicas); Ray's
 metrics agent exports them on each node's metrics export port as `ray_stitchserve_*`, and the ingress
 relays them on `/metrics` under their own names (see `relay_metrics`).
@@ -32,6 +33,7 @@ def build_buckets(mantissas: Iterable[float] = (1, 2, 5), lo_exp: int = -4, hi_e
 
 LATENCY_BUCKETS = build_buckets()
 TOKEN_LATENCY_BUCKETS = build_buckets(lo_exp=-4, hi_exp=1)
+STEP_ROW_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]  # rows or stitches per engine step
 
 
 # ---- stats -------------------------------------------------------------------------------------
@@ -67,6 +69,16 @@ class SchedulerStats:
 
 
 @dataclass
+class EngineStepStats:
+    """One step of a replica's engine (mixed-stitch continuous batching): engine-wide, no stitch label."""
+
+    model: str
+    rows: int  # rows decoded together
+    stitches: int  # distinct stitches among them
+    seconds: float
+
+
+@dataclass
 class StitchLatencyStats:
     model: str
     stitch: str
@@ -88,6 +100,9 @@ class StatLogger(ABC):
 
     @abstractmethod
     def record_latency(self, s: StitchLatencyStats) -> None: ...
+
+    @abstractmethod
+    def record_step(self, s: EngineStepStats) -> None: ...
 
 
 class RayServeStatLogger(StatLogger):
@@ -124,6 +139,15 @@ class RayServeStatLogger(StatLogger):
         self.decode = gauge("profiled_decode_step_seconds", "Start-up profile: seconds per decode step, batch 1.")
         self.estimate = gauge("estimated_token_latency_seconds",
                               "Current per-token latency estimate (profile x EWMA correction x load).")
+        # engine-wide (one engine step serves every stitch): model label only
+        self.step_rows = Histogram(PREFIX + "engine_step_rows", description="Rows decoded together in one engine "
+                                   "step, whatever their stitches.", boundaries=STEP_ROW_BUCKETS, tag_keys=("model",))
+        self.step_stitches = Histogram(PREFIX + "engine_step_stitches", description="Distinct stitches decoded "
+                                       "together in one engine step.", boundaries=STEP_ROW_BUCKETS,
+                                       tag_keys=("model",))
+        self.step_time = Histogram(PREFIX + "engine_step_seconds", description="Compute time of one engine step "
+                                   "(decode of the running rows plus prefill of those it admitted).",
+                                   boundaries=TOKEN_LATENCY_BUCKETS, tag_keys=("model",))
 
     @staticmethod
     def _tags(model: str, stitch: str) -> dict[str, str]:
@@ -162,6 +186,12 @@ class RayServeStatLogger(StatLogger):
         self.prefill.set(s.prefill_s_per_token, tags=t)
         self.decode.set(s.decode_step_s, tags=t)
         self.estimate.set(s.estimated_token_s, tags=t)
+
+    def record_step(self, s: EngineStepStats) -> None:
+        t = {"model": s.model}
+        self.step_rows.observe(s.rows, tags=t)
+        self.step_stitches.observe(s.stitches, tags=t)
+        self.step_time.observe(s.seconds, tags=t)
 
 
 # ---- relay: Ray's export port -> /metrics ---------------------------------------------------------

@@ -96,28 +96,44 @@ def _attn_flops(s: AnchorStats, context_len: int) -> float:
     return 4.0 * s.num_heads * s.head_dim * context_len
 
 
+def stitch_parts(stitch: Stitch, small: AnchorStats, large: AnchorStats) -> dict[str, int]:
+    """Parameters of each weight part `stitch` runs, by a name that is the same for every stitch
+    sharing that part ("small.embed", "small.block3", "small.head" (final norm + LM head),
+    "stitch.s2-l5" (its stitching layer), "large.embed", "large.block7", "large.head").
+    Summed: the stitch's parameter count; the union over several stitches: what a mixed batch of
+    them runs once for all its rows."""
+    parts: dict[str, int] = {}
+    if stitch.uses_small:
+        parts["small.embed"] = small.embed_params
+        parts.update({f"small.block{i}": small.block_params[i] for i in stitch.small_blocks(small.num_layers)})
+    if stitch.kind == "small":
+        parts["small.head"] = small.norm_params + small.head_params
+    if stitch.kind == "large":
+        parts["large.embed"] = large.embed_params
+    if stitch.kind == "stitch":
+        parts[f"stitch.{stitch.id}"] = small.hidden_size * large.hidden_size + large.hidden_size
+    if stitch.uses_large:
+        parts.update({f"large.block{i}": large.block_params[i] for i in stitch.large_blocks(large.num_layers)})
+        parts["large.head"] = large.norm_params + large.head_params
+    return parts
+
+
 def stitch_cost(stitch: Stitch, small: AnchorStats, large: AnchorStats, *, context_len: int = 512,
                 dtype: str = "bfloat16") -> StitchCost:
     """Parameters, weight bytes and forward FLOPs per token at `context_len`, counted analytically
     (matmuls 2 FLOPs per weight, attention included; embeddings are lookups, norms negligible)."""
-    params = 0
+    params = sum(stitch_parts(stitch, small, large).values())
     flops = 0.0
     if stitch.uses_small:
-        blocks = stitch.small_blocks(small.num_layers)
-        params += small.embed_params + sum(small.block_params[i] for i in blocks)
-        flops += sum(2.0 * small.block_linear_params[i] + _attn_flops(small, context_len) for i in blocks)
+        flops += sum(2.0 * small.block_linear_params[i] + _attn_flops(small, context_len)
+                     for i in stitch.small_blocks(small.num_layers))
     if stitch.kind == "small":
-        params += small.norm_params + small.head_params
         flops += 2.0 * small.head_params
-    if stitch.kind == "large":
-        params += large.embed_params
     if stitch.kind == "stitch":
-        params += small.hidden_size * large.hidden_size + large.hidden_size
         flops += 2.0 * small.hidden_size * large.hidden_size
     if stitch.uses_large:
-        blocks = stitch.large_blocks(large.num_layers)
-        params += sum(large.block_params[i] for i in blocks) + large.norm_params + large.head_params
-        flops += sum(2.0 * large.block_linear_params[i] + _attn_flops(large, context_len) for i in blocks)
+        flops += sum(2.0 * large.block_linear_params[i] + _attn_flops(large, context_len)
+                     for i in stitch.large_blocks(large.num_layers))
         flops += 2.0 * large.head_params
     return StitchCost(params=params, bytes=int(params * BYTES_PER_PARAM[dtype]), flops_per_token=flops,
                       context_len=context_len)

@@ -56,8 +56,7 @@ def serve_config(palettes: dict[str, Path], port: int):
     return ServeConfig(
         palettes=[
             {"path": str(palettes["tinychat"]), "profile": SMALL_PROFILE, "deployment": dep,
-             "max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_prompt_tokens": 256, "max_inflight": 6,
-             "max_tokens_limit": 1000},
+             "max_batch_size": 4, "max_prompt_tokens": 256, "max_inflight": 6, "max_tokens_limit": 1000},
             {"path": str(palettes["tinycls"]), "profile": SMALL_PROFILE, "deployment": dep,
              "default_budget": "500k"},
         ],

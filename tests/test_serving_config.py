@@ -46,6 +46,8 @@ def test_relative_paths_become_absolute(palettes, monkeypatch):
     ({"path": "x", "deployment": {"ray_actor_options": {"num_cpu": 1}}}, "use 'num_cpus'"),
     ({"path": "x", "deployment": {"ray_actor_options": {"num_cpus": -1}}}, "greater than or equal to 0"),
     ({"path": "x", "percent_basis": "watts"}, "percent_basis"),
+    ({"path": "x", "max_concurrent_batches": 2}, "palettes.0: max_concurrent_batches was removed"),
+    ({"path": "x", "max_seq_len": 1}, "max_seq_len: Input should be greater than or equal to 2"),
 ])
 def test_invalid_palette_config_is_one_clear_line(palette, needle):
     with pytest.raises(ServeConfigError) as e:
@@ -80,6 +82,18 @@ def test_deployment_options():
     auto = DeploymentOptions(autoscaling_config={"min_replicas": 1, "max_replicas": 3,
                                                  "target_ongoing_requests": 2}).to_options(default_max_ongoing=8)
     assert "num_replicas" not in auto and auto["autoscaling_config"]["target_ongoing_requests"] == 2
+
+
+def test_engine_slots_and_default_max_ongoing(palettes):
+    from serving.app import _default_max_ongoing
+
+    chat, cls = ServeConfig(palettes=[{"path": str(palettes["tinychat"]), "max_batch_size": 4},
+                                      {"path": str(palettes["tinycls"]), "max_batch_size": 4}]).resolved().palettes
+    assert _default_max_ongoing(chat) == 2 * 4  # the slots + as many waiting for one
+    assert _default_max_ongoing(cls) == 4 * 7  # a full batch per stitch (the tiny pair deploys 7)
+    assert chat.slot_positions is None  # no prompt limit: the palette's context
+    assert chat.model_copy(update={"max_prompt_tokens": 100}).slot_positions == 100 + chat.max_tokens_limit
+    assert chat.model_copy(update={"max_prompt_tokens": 100, "max_seq_len": 64}).slot_positions == 64
 
 
 def test_yaml_errors(tmp_path):

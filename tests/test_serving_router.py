@@ -104,17 +104,22 @@ def test_profile_is_made_monotone_and_interpolated():
     assert interpolate_step({1: 0.01}, 32) == 0.01
 
 
+# Weight parts shaped like a stitch space: "b" is a large stitch, "a" a cheaper one that shares
+# b's first blocks (p0, p1) and adds nothing of its own, "c" is disjoint from both.
+PARTS = {"a": {"p0": 2.0, "p1": 2.0}, "b": {"p0": 2.0, "p1": 2.0, "p2": 4.0}, "c": {"p3": 4.0}}
+PROFILES = {"a": (0.001, {1: 0.010, 4: 0.016}), "b": (0.002, {1: 0.020, 4: 0.032}), "c": (0.001, {1: 0.010, 4: 0.016})}
+
+
 def tracker(**kw) -> LatencyTracker:
-    return LatencyTracker({"a": (0.001, {1: 0.010, 4: 0.016}), "b": (0.002, {1: 0.020, 4: 0.032})},
-                          max_batch_size=4, max_concurrent_batches=1, alpha=0.5, **kw)
+    return LatencyTracker(PROFILES, max_slots=4, parts=PARTS, alpha=0.5, **kw)
 
 
 def test_idle_estimate_is_the_profile():
     t = tracker()
     e = t.estimate("a", prompt_tokens=10, max_tokens=5)
-    assert e.token_s == pytest.approx(0.010)
-    assert e.prefill_s == pytest.approx(0.010)
-    assert e.request_s == pytest.approx(0.010 + 4 * 0.010)
+    assert e.token_s == pytest.approx(0.010, rel=1e-9)
+    assert e.prefill_s == pytest.approx(0.010, rel=1e-9)
+    assert e.request_s == pytest.approx(0.010 + 4 * 0.010, rel=1e-9)
     assert e.queue_s == 0
 
 
@@ -126,35 +131,78 @@ def test_ewma_follows_observed_step_times():
     # an unobserved stitch inherits the replica-wide correction
     assert t.estimate("b", prompt_tokens=1).token_s == pytest.approx(0.040, rel=1e-3)
     t.observe_prefill("a", 100, 0.05)  # 0.5 ms/token observed vs 1 ms profiled
-    assert t.correction("a", "prefill") == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)
+    assert t.correction("a", "prefill") == pytest.approx(0.5 * 0.5 + 0.5 * 1.0, rel=1e-9)
 
 
-def test_load_raises_the_estimate():
+def test_same_stitch_load_moves_along_the_batch_profile():
     t = tracker()
     idle = t.estimate("a", prompt_tokens=1).token_s
     t.begin("a")
-    t.begin("a")  # a batch of 3 with us
+    t.begin("a")  # a step of 3 rows with us
     same = t.estimate("a", prompt_tokens=1).token_s
-    assert same == pytest.approx(0.010 + (0.016 - 0.010) * 2 / 3)
-    t.begin("b")  # another stitch's steps interleave with ours on the one engine thread
-    mixed = t.estimate("a", prompt_tokens=1).token_s
-    assert idle < same < mixed
-    assert mixed == pytest.approx(same + 0.020)
-    t.end("a"), t.end("a"), t.end("b")
-    assert t.estimate("a", prompt_tokens=1).token_s == pytest.approx(idle)
+    assert same == pytest.approx(0.010 + (0.016 - 0.010) * 2 / 3, rel=1e-9)
+    t.end("a"), t.end("a")
+    assert t.estimate("a", prompt_tokens=1).token_s == pytest.approx(idle, rel=1e-9)
 
 
-def test_full_batches_queue_whole_rounds():
+def test_mixed_step_reads_the_union_of_the_blocks():
+    t = tracker()
+    t.begin("b")
+    # a joins b's rows: b's parts already cover a's, so the step is b's at batch 2
+    e = t.estimate("a", prompt_tokens=10)
+    assert e.token_s == pytest.approx(0.020 + (0.032 - 0.020) / 3, rel=1e-9)
+    # ...and its first token comes from the step that prefills it while decoding b's row
+    assert e.prefill_s == pytest.approx(0.001 * 10 + 0.020, rel=1e-9)
+    assert t.estimate("b", prompt_tokens=1).token_s == pytest.approx(e.token_s, rel=1e-9)  # one step for all
+    t.end("b")
+    t.begin("c")
+    # c shares nothing with a: reference c (equal size, tie broken by name), union 8 of c's 4 bytes
+    assert t.estimate("a", prompt_tokens=1).token_s == pytest.approx(2 * (0.010 + 0.006 / 3), rel=1e-9)
+    t.begin("b")
+    # b, c and a: reference b (the largest), union p0..p3 = 12 of b's 8
+    assert t.estimate("a", prompt_tokens=1).token_s == pytest.approx(1.5 * (0.020 + 0.012 * 2 / 3), rel=1e-9)
+
+
+def test_mixed_observations_correct_every_stitch_in_the_step():
+    t = tracker()
+    pred = 0.020 + (0.032 - 0.020) / 3  # a + b at batch 2, reference b
+    for _ in range(30):
+        t.observe_step(3 * pred, {"a": 1, "b": 1})
+    assert t.correction("a") == pytest.approx(3.0, rel=1e-6)
+    assert t.correction("b") == pytest.approx(3.0, rel=1e-6)
+    assert t.correction("c") == pytest.approx(3.0, rel=1e-6)  # via the replica-wide figure
+    # a step that decodes and prefills: the observed/expected factor scales both parts
+    t2 = tracker()
+    t2.observe_step(2 * (0.010 + 0.001 * 20), {"a": 1}, {"b": 10})
+    assert t2.correction("a") == pytest.approx(0.5 * 2 + 0.5 * 1, rel=1e-9)
+    assert t2.correction("b", "prefill") == pytest.approx(0.5 * 2 + 0.5 * 1, rel=1e-9)
+    t2.observe_step(0.0, {"a": 1})  # no time, no observation
+    assert t2.correction("a") == pytest.approx(1.5, rel=1e-9)
+
+
+def test_rows_beyond_the_slots_wait_for_a_slot():
     t = tracker(default_output_tokens=10)
     for _ in range(4):
         t.begin("a")
     e = t.estimate("a", prompt_tokens=1, max_tokens=10)
-    step = 0.016
-    assert e.queue_s == pytest.approx(1 * (0.001 * 4 + 10 * step))
-    assert e.request_s == pytest.approx(e.queue_s + e.prefill_s + 9 * step)
+    step = 0.016  # the step stays at the 4 slots
+    assert e.token_s == pytest.approx(step, rel=1e-9)
+    # one row ahead of the slots: a slot frees every 10 / 4 steps
+    assert e.queue_s == pytest.approx(1 * 10 / 4 * step, rel=1e-9)
+    assert e.prefill_s == pytest.approx(0.001 + step, rel=1e-9)
+    assert e.request_s == pytest.approx(e.queue_s + e.prefill_s + 9 * step, rel=1e-9)
 
 
 def test_classify_estimate_is_per_request():
     t = tracker()
     e = t.estimate("b", prompt_tokens=50, task="classify", batch_rows=2)
-    assert e.token_s == e.request_s == pytest.approx(0.002 * 50 * 2)
+    assert e.token_s == e.request_s == pytest.approx(0.002 * 50 * 2, rel=1e-9)
+    t.begin("a")  # another stitch's batch runs first on the one engine thread
+    e2 = t.estimate("b", prompt_tokens=50, task="classify", batch_rows=2)
+    assert e2.request_s == pytest.approx(0.002 * 50 * 2 + 0.001 * 50 * 1, rel=1e-9)
+
+
+def test_without_parts_stitches_share_nothing():
+    t = LatencyTracker({k: PROFILES[k] for k in "ab"}, max_slots=4)
+    t.begin("b")
+    assert t.estimate("a", prompt_tokens=1).token_s == pytest.approx(2 * (0.020 + 0.012 / 3), rel=1e-9)
