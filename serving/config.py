@@ -19,6 +19,7 @@ from .budget import BudgetError, try_parse_budget
 from .router import PercentBasis
 
 API_KEY_ENV = "STITCHSERVE_API_KEY"
+DEFAULT_SLOT_POSITIONS = 4096  # engine slot length when neither max_seq_len nor max_prompt_tokens is set
 
 
 class ServeConfigError(ValueError):
@@ -148,9 +149,11 @@ class PaletteDeploymentConfig(_Strict):
                                                                 "fill (a generation request joins the running "
                                                                 "batch at the next engine step)")
     max_seq_len: int | None = Field(None, ge=2, description="positions per engine slot (prompt + output tokens); "
-                                                            "default max_prompt_tokens + max_tokens_limit, or the "
-                                                            "palette's context when max_prompt_tokens is unset; "
-                                                            "never more than the context")
+                                                            "default max_prompt_tokens + max_tokens_limit, or "
+                                                            f"{DEFAULT_SLOT_POSITIONS} when max_prompt_tokens is unset "
+                                                            "(the cache is preallocated: max_batch_size x max_seq_len "
+                                                            "positions; a 32k context would be ~11 GB on the Qwen "
+                                                            "pair); never more than the context")
     stream_interval_s: float = Field(0.02, ge=0, description="streamed deltas are coalesced to at most one per "
                                                              "interval (the first is sent at once): each item "
                                                              "crossing Ray costs about a millisecond of CPU")
@@ -175,11 +178,13 @@ class PaletteDeploymentConfig(_Strict):
         return data
 
     @property
-    def slot_positions(self) -> int | None:
-        """What a generation engine slot holds (None: the palette's context); see `max_seq_len`."""
+    def slot_positions(self) -> int:
+        """What a generation engine slot holds (capped at the palette's context by the engine); see `max_seq_len`."""
         if self.max_seq_len is not None:
             return self.max_seq_len
-        return self.max_prompt_tokens + self.max_tokens_limit if self.max_prompt_tokens is not None else None
+        if self.max_prompt_tokens is not None:
+            return self.max_prompt_tokens + self.max_tokens_limit
+        return DEFAULT_SLOT_POSITIONS
 
     @field_validator("default_budget")
     @classmethod

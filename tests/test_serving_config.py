@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from serving.budget import GRAMMAR
-from serving.config import DeploymentOptions, ServeConfig, ServeConfigError
+from serving.config import DEFAULT_SLOT_POSITIONS, DeploymentOptions, ServeConfig, ServeConfigError
 from serving_fixtures import REPO, free_port, make_palettes
 
 DEPLOY = REPO / "deploy"
@@ -91,7 +91,7 @@ def test_engine_slots_and_default_max_ongoing(palettes):
                                       {"path": str(palettes["tinycls"]), "max_batch_size": 4}]).resolved().palettes
     assert _default_max_ongoing(chat) == 2 * 4  # the slots + as many waiting for one
     assert _default_max_ongoing(cls) == 4 * 7  # a full batch per stitch (the tiny pair deploys 7)
-    assert chat.slot_positions is None  # no prompt limit: the palette's context
+    assert chat.slot_positions == DEFAULT_SLOT_POSITIONS  # no prompt limit: a preallocation that fits in memory
     assert chat.model_copy(update={"max_prompt_tokens": 100}).slot_positions == 100 + chat.max_tokens_limit
     assert chat.model_copy(update={"max_prompt_tokens": 100, "max_seq_len": 64}).slot_positions == 64
 
