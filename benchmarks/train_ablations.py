@@ -19,7 +19,7 @@ import argparse
 import math
 import statistics
 
-from train_common import PAIRS, RESULTS, RUNS, machine, run_adapt, scale, write_json
+from train_common import PAIRS, RESULTS, RUNS, machine, run_adapt, scale, train_seconds, write_json
 
 
 def matched_rank(trainable: dict, rank: int) -> int:
@@ -86,7 +86,7 @@ def main() -> None:
             "small": rep["summary"]["small"], "large": rep["summary"]["large"],
             "trainable_pst_total": rep["trainable"]["pst_total"],
             "trainable_shared_lora_plus_ssb": rep["trainable"]["shared_lora"] + rep["trainable"]["stitch_bias"],
-            "lora_rank": rep["config"]["lora_rank"], "train_s": rep["timings"].get("train_s"),
+            "lora_rank": rep["config"]["lora_rank"], "train_s": train_seconds(rep),
             "times_sampled": {r["id"]: r["times_sampled"] for r in rep["stitches"] if r["kind"] != "large"},
         }
     n_eval = fields["eval_size"]

@@ -92,6 +92,13 @@ def run_adapt(name: str, pair: str, **overrides: Any) -> dict[str, Any]:
     return json.loads(report.read_text())
 
 
+def train_seconds(report: dict[str, Any]) -> float | None:
+    """Pure step time of a run, summed over its checkpointed history (reports written before the
+    trainer did this counted only the last resumed segment)."""
+    hist = report.get("history") or []
+    return sum(h["step_s"] for h in hist) if hist else report["timings"].get("train_s")
+
+
 def machine() -> dict[str, Any]:
     import platform
 

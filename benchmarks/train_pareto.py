@@ -12,9 +12,10 @@ reused by train_ablations.py as its baseline.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
-from train_common import PAIRS, RESULTS, RUNS, machine, run_adapt, scale, write_json
+from train_common import PAIRS, RESULTS, RUNS, machine, run_adapt, scale, train_seconds, write_json
 
 
 def plot(report: dict, path) -> None:
@@ -87,16 +88,29 @@ def main() -> None:
                             "mean": statistics.fmean(acc[r["id"]] for r in inside)},
         "stitches_within_anchor_range_pm5pts": f"{between}/{len(inside)}",
         "cost_ordered_nondecreasing_accuracy_share": monotone_share([acc[r["id"]] for r in rows]),
+        "smoothness": smoothness([acc[r["id"]] for r in rows], fields["eval_size"]),
         "spearman_gflops_vs_loss": spearman([r["gflops"] for r in rows], [r["metrics"]["loss"] for r in rows]),
         "intervals": intervals,
         "top_score_is_best_eval": f"{sum(i['match'] for i in intervals)}/{len(intervals)}",
         "top_score_rank_in_interval": [i["top_score_rank"] for i in intervals],
-        "summary": rep["summary"], "trainable": rep["trainable"], "timings": rep["timings"],
+        "summary": rep["summary"], "trainable": rep["trainable"],
+        "timings": {**rep["timings"], "train_s": train_seconds(rep)},
     }
     write_json(f"train_pareto_{args.pair}{suffix}.json", result)
     plot(rep, RESULTS / f"train_pareto_{args.pair}{suffix}.png")
     print(f"accuracy small {lo:.3f} large {hi:.3f}; stitches {result['stitch_accuracy']}; "
           f"top score = best eval in {result['top_score_is_best_eval']} intervals")
+
+
+def smoothness(values: list[float], n_eval: int) -> dict[str, float]:
+    """Steps between cost-adjacent routes vs what evaluation noise alone gives: two routes of the same
+    true accuracy p, each scored on n examples, differ by E|d| = sqrt(2 p(1-p) / n) * sqrt(2 / pi).
+    A curve whose mean step is near that figure is as smooth as n examples can show."""
+    steps = [abs(b - a) for a, b in zip(values, values[1:])]
+    p = statistics.fmean(values)
+    noise = math.sqrt(2 * p * (1 - p) / n_eval) * math.sqrt(2 / math.pi)
+    return {"mean_abs_step": statistics.fmean(steps), "max_abs_step": max(steps),
+            "expected_abs_step_from_eval_noise": noise, "steps_over_3x_noise": sum(d > 3 * noise for d in steps)}
 
 
 def spearman(x: list[float], y: list[float]) -> float:

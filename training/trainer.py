@@ -364,7 +364,6 @@ class Trainer:
             self.save()
         bar = tqdm(total=self.total, initial=self.step, desc="adapting", unit="step", disable=not cfg.progress,
                    dynamic_ncols=True)
-        t_loop = time.perf_counter()
         try:
             while self.step < self.total:
                 if self.step >= cfg.adapt_anchors_first and not self.calibrated:
@@ -382,7 +381,9 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
-            self.timings["train_s"] = self.timings.get("train_s", 0.0) + time.perf_counter() - t_loop
+            # the steps' own times survive interruptions (they are in the checkpointed history);
+            # a wall-clock span of this process would count only the last resumed segment
+            self.timings["train_s"] = sum(h["step_s"] for h in self.history)
         self.honour_stop()
         t0 = time.perf_counter()
         ids = None
