@@ -120,6 +120,10 @@ class ProfileConfig(_Strict):
     prompt_len: int = Field(32, ge=1)
     decode_steps: int = Field(8, ge=1)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    table: Path | None = Field(None, description="a saved table from `stitchserve profile` to use instead of "
+                                                 "measuring at start-up; a table for another device, dtype or "
+                                                 "anchor pair, or one missing a deployed stitch, is ignored "
+                                                 "with a warning and the replica measures")
 
     @field_validator("batch_sizes")
     @classmethod

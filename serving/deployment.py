@@ -112,8 +112,13 @@ class PaletteServer:
         self.task = self.engine.task
         self.stitch_info = {s.id: s for s in self.engine.stitches}
         prof = self.cfg.profile
-        profiles = await self.engine.profile(prompt_len=prof.prompt_len, decode_steps=prof.decode_steps,
-                                             batch_sizes=tuple(prof.batch_sizes))
+        profiles = self.engine.load_profile_table(str(prof.table)) if prof.table else None
+        self.profile_source = str(prof.table) if isinstance(profiles, dict) else "measured at start-up"
+        if isinstance(profiles, str):
+            log.warning("%s; measuring instead", profiles)
+        if not isinstance(profiles, dict):
+            profiles = await self.engine.profile(prompt_len=prof.prompt_len, decode_steps=prof.decode_steps,
+                                                 batch_sizes=tuple(prof.batch_sizes))
         self.profiles = profiles
         if self.task == "chat":
             await self._warm_up()
@@ -137,8 +142,8 @@ class PaletteServer:
             self._record_latency(sid)
         self._record_scheduler()
         self.engine.on_step = self._on_step  # after the warm-up: its steps must not land on the EWMA
-        log.info("palette %s (%s): %d stitches profiled in %.1fs", self.model, self.task, len(profiles),
-                 time.perf_counter() - t0)
+        log.info("palette %s (%s): %d stitches ready in %.1fs (latency profile: %s)", self.model, self.task,
+                 len(profiles), time.perf_counter() - t0, self.profile_source)
 
     async def _warm_up(self) -> None:
         """One short generation before taking traffic: the engine is built (caches, graphs) on first
@@ -408,7 +413,7 @@ class PaletteServer:
     async def ready(self) -> dict[str, Any]:
         running, waiting = self.engine.occupancy()
         return {"model": self.model, "ready": not self._draining, "replica": self.replica,
-                "inflight": len(self._live),
+                "inflight": len(self._live), "latency_profile": self.profile_source,
                 "engine": {"slots": self.cfg.max_batch_size, "running": sum(running.values()),
                            "waiting": sum(waiting.values()), **self.engine.counters()}}
 

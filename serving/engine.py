@@ -73,6 +73,10 @@ class EngineClient(ABC):
         """Measure every stitch on this hardware: stitch id -> StitchProfile (prefill s/token, step s by batch)."""
 
     @abstractmethod
+    def load_profile_table(self, path: str) -> dict[str, Any] | str:
+        """A saved table (`stitchserve profile`) for this palette and hardware, or why it does not fit."""
+
+    @abstractmethod
     def encode(self, text: str) -> list[int]: ...
 
     @abstractmethod
@@ -171,6 +175,9 @@ class RuntimeEngine(EngineClient):
 
     async def profile(self, **kw: Any) -> dict[str, Any]:
         return await self._loop.call(lambda: self.rt.profile(**kw))
+
+    def load_profile_table(self, path: str) -> dict[str, Any] | str:
+        return self.rt.load_profile_table(path)
 
     async def check_health(self) -> None:
         if not self._loop.alive:

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from .errors import StitchError
 
@@ -78,6 +79,37 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from tqdm.auto import tqdm
+
+    from .engine.profile import save_profile
+    from .runtime import PaletteRuntime
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rt = PaletteRuntime.load(args.palette, device=args.device, dtype=args.dtype, progress=not args.json)
+    ids = [s.id for s in rt.stitches]
+    profiles = {}
+    for sid in tqdm(ids, desc="profiling", unit="stitch", disable=args.json):
+        profiles.update(rt.profile([sid], prompt_len=args.prompt_len, decode_steps=args.decode_steps,
+                                   batch_sizes=tuple(sorted(set(args.batch_sizes)))))
+    meta = {**rt.profile_meta(), "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
+            "batch_sizes": sorted(set(args.batch_sizes))}
+    out = save_profile(args.out or Path(args.palette) / f"profile-{meta['device_type']}.json", profiles, meta)
+    if args.json:
+        print(out.read_text())
+        return 0
+    sizes = sorted(set(args.batch_sizes))
+    print(f"{'stitch':<10} {'prefill ms/tok':>14} " + " ".join(f"{'step@' + str(b) + ' ms':>11}" for b in sizes))
+    for sid, p in profiles.items():
+        print(f"{sid:<10} {p.prefill_s_per_token * 1e3:>14.3f} "
+              + " ".join(f"{p.decode_step_s[b] * 1e3:>11.2f}" for b in sizes))
+    print(f"wrote {out} ({meta['device']}); serve it with  profile: {{table: {out}}}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stitchserve", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -114,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("palette")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("profile", help="measure every deployed stitch's prefill and decode-step time on this "
+                                       "hardware and save the table serving reads (profile.table)")
+    s.add_argument("palette")
+    s.add_argument("--out", help="table to write (default: PALETTE/profile-<device type>.json)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.add_argument("--prompt-len", type=int, default=32)
+    s.add_argument("--decode-steps", type=int, default=8)
+    s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    s.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    s.add_argument("--json", action="store_true", help="print the table as JSON, no progress")
+    s.set_defaults(func=_cmd_profile)
 
     for ep in sorted(entry_points(group="stitchserve.commands"), key=lambda e: e.name):
         try:

@@ -137,3 +137,25 @@ class PaletteRuntime:
         vocab = min(len(self.tokenizer), self.model.small_anchor.stats.vocab_size)
         return profile_stitches(self.model, stitch_ids or [s.id for s in self.stitches], prompt_len=prompt_len,
                                 decode_steps=decode_steps, batch_sizes=tuple(batch_sizes), vocab=vocab)
+
+    def profile_meta(self) -> dict:
+        """What a saved profile table records about where it was measured (and is checked against)."""
+        from .engine.profile import device_info
+
+        return {**device_info(self.device), "dtype": str(self.model.small_anchor.dtype).removeprefix("torch."),
+                "palette": self.name, "small_fingerprint": self.model.small_anchor.fingerprint,
+                "large_fingerprint": self.model.large_anchor.fingerprint}
+
+    def load_profile_table(self, path: str | Path) -> dict[str, StitchProfile] | str:
+        """A table written by `stitchserve profile` for this palette on this kind of hardware, or why
+        it cannot be used (unreadable, another device/dtype/anchor pair, a deployed stitch missing)."""
+        from .engine.profile import load_profile, table_problem
+
+        try:
+            profiles, meta = load_profile(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"cannot read profile table {path}: {type(e).__name__}: {e}"
+        problem = table_problem(meta, profiles, self.profile_meta(), [s.id for s in self.stitches])
+        if problem:
+            return f"profile table {path}: {problem}"
+        return {s.id: profiles[s.id] for s in self.stitches}

@@ -49,6 +49,17 @@ def make_palettes(root: Path) -> dict[str, Path]:
     }
 
 
+def profile_table(palettes: dict[str, Path]) -> Path:
+    """The classify palette's latency table, measured once by the real `stitchserve profile` command."""
+    from stitchlib.cli import main
+
+    out = palettes["tinycls"] / "profile-cpu.json"
+    if not out.is_file():
+        assert main(["profile", str(palettes["tinycls"]), "--out", str(out), "--prompt-len", "8", "--decode-steps",
+                     "3", "--batch-sizes", "1", "4", "--json"]) == 0
+    return out
+
+
 def serve_config(palettes: dict[str, Path], port: int):
     from serving.config import ServeConfig
 
@@ -57,8 +68,9 @@ def serve_config(palettes: dict[str, Path], port: int):
         palettes=[
             {"path": str(palettes["tinychat"]), "profile": SMALL_PROFILE, "deployment": dep,
              "max_batch_size": 4, "max_prompt_tokens": 256, "max_inflight": 6, "max_tokens_limit": 1000},
-            {"path": str(palettes["tinycls"]), "profile": SMALL_PROFILE, "deployment": dep,
-             "default_budget": "500k"},
+            # the classify replica reads a saved latency table (`stitchserve profile`) instead of measuring
+            {"path": str(palettes["tinycls"]), "profile": {**SMALL_PROFILE, "table": str(profile_table(palettes))},
+             "deployment": dep, "default_budget": "500k"},
         ],
         port=port, api_key=API_KEY, request_timeout_s=60)
 

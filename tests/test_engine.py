@@ -278,6 +278,45 @@ def test_profile_table_round_trip(pst_model, tmp_path):
     assert back == profs and meta == {"device": "cpu"}
 
 
+def test_runtime_accepts_only_a_profile_table_measured_for_it(tmp_path):
+    """`stitchserve profile` writes the table; the runtime takes it only for its own device type, device,
+    dtype, anchor pair and deployed stitches, and says why otherwise (an error value, not an exception)."""
+    import json
+
+    from stitchlib.cli import main
+    from stitchlib.palette import init_palette
+    from stitchlib.runtime import PaletteRuntime
+
+    pal = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32")
+    table = tmp_path / "t.json"
+    assert main(["profile", str(pal), "--out", str(table), "--dtype", "float32", "--prompt-len", "6",
+                 "--decode-steps", "2", "--batch-sizes", "1", "2", "--json"]) == 0
+    rt = PaletteRuntime.load(pal, dtype="float32")
+    got = rt.load_profile_table(table)
+    assert isinstance(got, dict) and list(got) == [s.id for s in rt.stitches]
+    assert all(set(p.decode_step_s) == {1, 2} and p.prefill_s_per_token > 0 for p in got.values())
+
+    doc = json.loads(table.read_text())
+
+    def variant(name, edit):
+        d = json.loads(json.dumps(doc))
+        edit(d)
+        (tmp_path / name).write_text(json.dumps(d))
+        return rt.load_profile_table(tmp_path / name)
+
+    assert "dtype 'bfloat16'" in variant("dt.json", lambda d: d["meta"].update(dtype="bfloat16"))
+    assert "device_type 'cuda'" in variant("dev.json", lambda d: d["meta"].update(device_type="cuda"))
+    assert "measured on 'Other CPU'" in variant("cpu.json", lambda d: d["meta"].update(device="Other CPU (2 threads)"))
+    assert "small_fingerprint" in variant("fp.json", lambda d: d["meta"].update(small_fingerprint="0" * 32))
+    assert "no entry for deployed stitch(es) large" in variant("miss.json", lambda d: d["stitches"].pop("large"))
+    # another thread count on the same CPU is the same device
+    assert isinstance(variant("thr.json", lambda d: d["meta"].update(device=d["meta"]["device"].rsplit(" (", 1)[0]
+                                                                        + " (7 threads)")), dict)
+    (tmp_path / "bad.json").write_text("{not json")
+    assert rt.load_profile_table(tmp_path / "bad.json").startswith("cannot read profile table")
+    assert rt.load_profile_table(tmp_path / "absent.json").startswith("cannot read profile table")
+
+
 def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
     from stitchlib.engine.pool import pool_for
     from stitchlib.palette import init_palette

@@ -65,6 +65,21 @@ def wait_for(pred, timeout=15.0, every=0.25):
 
 
 # ---- basics ----------------------------------------------------------------------------------------
+def test_classify_replica_uses_the_saved_profile_table(served, http):
+    """`profile.table` replaces start-up measuring: the router's figures are the table's, bit for bit."""
+    from stitchlib.engine.profile import load_profile
+
+    path = served.config.palettes[1].profile.table
+    table, meta = load_profile(path)
+    assert meta["palette"] and meta["device_type"] == "cpu" and meta["dtype"] == "bfloat16"
+    models = {m["model"]: m for m in http.get("/ready").json()["models"]}
+    assert models[CLS]["latency_profile"] == str(path)
+    assert models[CHAT]["latency_profile"] == "measured at start-up"
+    for s in http.get("/v1/stitches", params={"model": CLS}).json()["data"]:
+        assert s["prefill_s_per_token"] == table[s["id"]].prefill_s_per_token
+        assert {int(b): v for b, v in s["decode_step_s"].items()} == table[s["id"]].decode_step_s
+
+
 def test_health_ready_models(http):
     assert http.get("/health").json() == {"status": "ok"}
     r = http.get("/ready")

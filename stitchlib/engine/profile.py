@@ -109,3 +109,26 @@ def load_profile(path: str | Path) -> tuple[dict[str, StitchProfile], dict]:
     doc = json.loads(Path(path).read_text())
     profs = {sid: StitchProfile.model_validate(v) for sid, v in doc["stitches"].items()}
     return profs, doc.get("meta", {})
+
+
+# What must agree between a saved table and the runtime that wants to use it. The thread count is
+# left out of the device name: a Ray replica may run with another one than the CLI that measured.
+_MATCH = ("device_type", "dtype", "small_fingerprint", "large_fingerprint")
+
+
+def _device_name(meta: dict) -> str:
+    return str(meta.get("device", "")).rsplit(" (", 1)[0]
+
+
+def table_problem(meta: dict, profiles: dict[str, StitchProfile], want: dict, stitch_ids: list[str]) -> str | None:
+    """Why a saved table cannot stand for measuring here (None: it can). `want` is the meta this
+    runtime would write (`PaletteRuntime.profile_meta`)."""
+    for key in _MATCH:
+        if meta.get(key) != want.get(key):
+            return f"measured with {key} {meta.get(key)!r}, this runtime has {want.get(key)!r}"
+    if _device_name(meta) != _device_name(want):
+        return f"measured on {_device_name(meta)!r}, this is {_device_name(want)!r}"
+    missing = [s for s in stitch_ids if s not in profiles]
+    if missing:
+        return f"no entry for deployed stitch(es) {', '.join(missing)}"
+    return None
