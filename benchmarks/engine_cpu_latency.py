@@ -15,24 +15,12 @@ import os
 import resource
 import time
 
+from bench_stats import spearman
 from engine_common import (decode_bytes, env_info, hf_generate_step_times, is_strictly_increasing, median,
                            param_bytes, prepare_for_serving, read_bandwidth, stitch_latency, write_result)
 
 import torch
 
-
-def spearman(xs, ys) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for k, i in enumerate(order):
-            r[i] = float(k)
-        return r
-    rx, ry = ranks(xs), ranks(ys)
-    n = len(xs)
-    mx, my = sum(rx) / n, sum(ry) / n
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import argparse
 import math
 import statistics
 
+from bench_stats import spearman
 from train_common import PAIRS, RESULTS, RUNS, machine, run_adapt, scale, train_seconds, write_json
 
 
@@ -111,20 +112,6 @@ def smoothness(values: list[float], n_eval: int) -> dict[str, float]:
     noise = math.sqrt(2 * p * (1 - p) / n_eval) * math.sqrt(2 / math.pi)
     return {"mean_abs_step": statistics.fmean(steps), "max_abs_step": max(steps),
             "expected_abs_step_from_eval_noise": noise, "steps_over_3x_noise": sum(d > 3 * noise for d in steps)}
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for pos, i in enumerate(order):
-            r[i] = float(pos)
-        return r
-    rx, ry = ranks(x), ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-
 
 if __name__ == "__main__":
     main()

@@ -236,21 +236,27 @@ class OpenAIServing:
         return err
 
     # ---- generation ---------------------------------------------------------------------------------
-    async def generate(self, raw: bytes, headers: Mapping[str, str], *, chat: bool) -> Served | ServingError:
-        req = self.parse_body(raw, ChatCompletionRequest if chat else CompletionRequest)
+    def admit(self, raw: bytes, headers: Mapping[str, str], model_cls: type, task: str) -> tuple | ServingError:
+        """Body, palette, budget and timeout of a request -> (req, palette ref, (budget, strict), timeout s),
+        or the first error (recorded in the metrics, with the model once it is known)."""
+        req = self.parse_body(raw, model_cls)
         if isinstance(req, ServingError):
             return self.fail(req)
-        ref = self.palette(req.model, "chat")
+        ref = self.palette(req.model, task)
         if isinstance(ref, ServingError):
             return self.fail(ref)
         budget = self.parse_budget_headers(headers, req.compute_budget)
-        if isinstance(budget, ServingError):
-            budget.model = ref.name
-            return self.fail(budget)
-        timeout = self.timeout_s(headers)
-        if isinstance(timeout, ServingError):
+        timeout = budget if isinstance(budget, ServingError) else self.timeout_s(headers)
+        if isinstance(timeout, ServingError):  # the budget's error, else the timeout header's
             timeout.model = ref.name
             return self.fail(timeout)
+        return req, ref, budget, timeout
+
+    async def generate(self, raw: bytes, headers: Mapping[str, str], *, chat: bool) -> Served | ServingError:
+        admitted = self.admit(raw, headers, ChatCompletionRequest if chat else CompletionRequest, "chat")
+        if isinstance(admitted, ServingError):
+            return admitted
+        req, ref, budget, timeout = admitted
         deadline = time.monotonic() + timeout
         rid = random_id("chatcmpl" if chat else "cmpl")
         inp = GenerateInput(
@@ -394,20 +400,10 @@ class OpenAIServing:
 
     # ---- classification -----------------------------------------------------------------------------
     async def classify(self, raw: bytes, headers: Mapping[str, str]) -> Served | ServingError:
-        req = self.parse_body(raw, ClassifyRequest)
-        if isinstance(req, ServingError):
-            return self.fail(req)
-        ref = self.palette(req.model, "classify")
-        if isinstance(ref, ServingError):
-            return self.fail(ref)
-        budget = self.parse_budget_headers(headers, req.compute_budget)
-        if isinstance(budget, ServingError):
-            budget.model = ref.name
-            return self.fail(budget)
-        timeout = self.timeout_s(headers)
-        if isinstance(timeout, ServingError):
-            timeout.model = ref.name
-            return self.fail(timeout)
+        admitted = self.admit(raw, headers, ClassifyRequest, "classify")
+        if isinstance(admitted, ServingError):
+            return admitted
+        req, ref, budget, timeout = admitted
         from ray.serve.exceptions import BackPressureError
 
         rid = random_id("cls")
