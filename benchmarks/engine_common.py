@@ -114,6 +114,23 @@ def load_serving_pair(small: str, large: str, dtype: str = "bfloat16"):
     return model
 
 
+def add_cpu_pair_args(ap) -> None:
+    """The anchor pair and thread count every CPU engine benchmark takes."""
+    ap.add_argument("--small", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--large", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads; 1 by default: on 2 cores shared with other jobs, 2 OpenMP threads "
+                         "spin-wait and run 5-10x slower")
+
+
+def start_cpu_run(args) -> tuple[float, dict, "object"]:
+    """Set the thread count, record the environment, load the pair. -> (start time, env, model)."""
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    env = env_info("cpu")
+    return t0, env, load_serving_pair(args.small, args.large)
+
+
 def write_result(name: str, data: dict, out_dir: str | Path | None = None) -> Path:
     d = Path(out_dir) if out_dir else RESULTS
     d.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import resource
 import time
 
 from bench_stats import spearman
-from engine_common import (decode_bytes, env_info, hf_generate_step_times, is_strictly_increasing, median,
+from engine_common import (add_cpu_pair_args, decode_bytes, env_info, hf_generate_step_times, is_strictly_increasing, median,
                            param_bytes, prepare_for_serving, read_bandwidth, stitch_latency, write_result)
 
 import torch
@@ -40,11 +40,7 @@ def reference_s(model, ids, sid, steps) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--large", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads; 1 by default: on 2 cores shared with other jobs, 2 OpenMP threads "
-                         "spin-wait and run 5-10x slower")
+    add_cpu_pair_args(ap)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="timed decode steps per stitch per round")
     ap.add_argument("--rounds", type=int, default=3)

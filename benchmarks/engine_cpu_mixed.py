@@ -16,16 +16,13 @@ import argparse
 import os
 import time
 
-from engine_common import batch_scenarios, env_info, pick_stitches, load_serving_pair, write_result
+from engine_common import add_cpu_pair_args, start_cpu_run, batch_scenarios, pick_stitches, write_result
 
-import torch
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--large", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--threads", type=int, default=1, help="see engine_cpu_latency.py")
+    add_cpu_pair_args(ap)
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--stitches", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -34,11 +31,7 @@ def main() -> None:
     ap.add_argument("--selection", choices=["adjacent", "spread", "both"], default="both")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    t0 = time.time()
-    env = env_info("cpu")
-    model = load_serving_pair(args.small, args.large)
+    t0, env, model = start_cpu_run(args)
     sels = ["adjacent", "spread"] if args.selection == "both" else [args.selection]
     res = {"benchmark": "engine_cpu_mixed", "env": env, "anchors": [args.small, args.large], "dtype": "bfloat16",
            "threads": args.threads, "prompt_len": args.prompt_len, "timed_steps": args.steps, "scenarios": {}}

@@ -14,28 +14,22 @@ import argparse
 import os
 import time
 
-from engine_common import RESULTS, env_info, load_serving_pair
+from engine_common import add_cpu_pair_args, start_cpu_run, RESULTS
 
-import torch
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--large", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--threads", type=int, default=1, help="see engine_cpu_latency.py")
+    add_cpu_pair_args(ap)
     ap.add_argument("--stitches", nargs="*", default=None, help="default: all")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--decode-steps", type=int, default=4)
     ap.add_argument("--out", default=str(RESULTS / "engine_profile_cpu_qwen.json"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     from stitchlib.engine.profile import profile_stitches, save_profile
 
-    t0 = time.time()
-    env = env_info("cpu")
-    model = load_serving_pair(args.small, args.large)
+    t0, env, model = start_cpu_run(args)
     ids = args.stitches or [s.id for s in model.stitches]
     profs = profile_stitches(model, ids, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                              batch_sizes=tuple(args.batch_sizes))

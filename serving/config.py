@@ -158,6 +158,13 @@ class PaletteDeploymentConfig(_Strict):
                                                             "(the cache is preallocated: max_batch_size x max_seq_len "
                                                             "positions; a 32k context would be ~11 GB on the Qwen "
                                                             "pair); never more than the context")
+    prefill_chunk: int | None = Field(512, ge=1, description="generation: prompt tokens prefilled per engine step "
+                                                             "(chunked prefill): a long prompt is written over several "
+                                                             "steps while the running requests keep getting tokens, "
+                                                             "so it delays each of their tokens by one chunk's prefill "
+                                                             "instead of its whole prompt's; null: whole prompts in "
+                                                             "the step that admits them (best time to first token "
+                                                             "when prompts are short)")
     stream_interval_s: float = Field(0.02, ge=0, description="streamed deltas are coalesced to at most one per "
                                                              "interval (the first is sent at once): each item "
                                                              "crossing Ray costs about a millisecond of CPU")

@@ -107,7 +107,8 @@ class PaletteServer:
         t0 = time.perf_counter()
         self.engine: EngineClient = RuntimeEngine.load(str(self.cfg.path), device=self.cfg.device,
                                                        dtype=self.cfg.dtype, max_slots=self.cfg.max_batch_size,
-                                                       max_seq_len=self.cfg.slot_positions)
+                                                       max_seq_len=self.cfg.slot_positions,
+                                                       prefill_chunk=self.cfg.prefill_chunk)
         self.model = self.cfg.name or self.engine.name
         self.task = self.engine.task
         self.stitch_info = {s.id: s for s in self.engine.stitches}
@@ -125,7 +126,7 @@ class PaletteServer:
         self.tracker = LatencyTracker(
             {sid: (p.prefill_s_per_token, p.decode_step_s) for sid, p in profiles.items()},
             max_slots=self.cfg.max_batch_size, parts=self.engine.stitch_parts, alpha=self.cfg.ewma_alpha,
-            default_output_tokens=self.cfg.default_max_tokens)
+            default_output_tokens=self.cfg.default_max_tokens, prefill_chunk=self.cfg.prefill_chunk)
         self.metrics = stat_logger or RayServeStatLogger()
         self.default_budget = try_parse_budget(self.cfg.default_budget) if self.cfg.default_budget else Budget()
         # one classification batch at a time: they all run on the one engine thread anyway

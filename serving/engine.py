@@ -105,7 +105,8 @@ def _init_thread() -> None:
 
 
 class RuntimeEngine(EngineClient):
-    def __init__(self, runtime: Any, *, max_slots: int = 8, max_seq_len: int | None = None) -> None:
+    def __init__(self, runtime: Any, *, max_slots: int = 8, max_seq_len: int | None = None,
+                 prefill_chunk: int | None = None) -> None:
         self.rt = runtime
         self.name = runtime.name
         self.task = runtime.task
@@ -113,6 +114,7 @@ class RuntimeEngine(EngineClient):
         self.max_context = runtime.max_context
         self.max_seq_len = min(runtime.max_context, max_seq_len or runtime.max_context)
         self.max_slots = max_slots
+        self.prefill_chunk = prefill_chunk
         self.stitches = list(runtime.stitches)
         self.stitch_parts = {s.id: decode_parts(runtime.model, s.id) for s in self.stitches}
         self.eos_ids = set(runtime.eos_token_ids)
@@ -120,18 +122,19 @@ class RuntimeEngine(EngineClient):
 
     @classmethod
     def load(cls, path: str, *, device: str = "cpu", dtype: str = "bfloat16", max_slots: int = 8,
-             max_seq_len: int | None = None) -> "RuntimeEngine":
+             max_seq_len: int | None = None, prefill_chunk: int | None = None) -> "RuntimeEngine":
         from stitchlib.runtime import PaletteRuntime
 
         return cls(PaletteRuntime.load(path, device=device, dtype=dtype), max_slots=max_slots,
-                   max_seq_len=max_seq_len)
+                   max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
 
     def _build(self) -> Any:
         """On the engine thread, at the first generation: caches for max_slots x max_seq_len positions."""
         from stitchlib.engine import EngineConfig
         from stitchlib.engine.pool import engine_for_runtime
 
-        return engine_for_runtime(self.rt, EngineConfig(max_slots=self.max_slots, max_seq_len=self.max_seq_len))
+        return engine_for_runtime(self.rt, EngineConfig(max_slots=self.max_slots, max_seq_len=self.max_seq_len,
+                                                        prefill_chunk=self.prefill_chunk))
 
     @property
     def on_step(self) -> Callable[[StepStats], None] | None:  # type: ignore[override]

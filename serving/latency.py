@@ -25,8 +25,9 @@ need it. Model (all times in seconds; M = engine slots, i.e. rows decoded togeth
   * Load: a new request on stitch s joins the rows in flight (`active`, per stitch): every token it
     gets costs one step of R = active + {s: 1}, with |R| capped at M. Rows beyond M wait for a slot;
     a slot frees about every out_tokens / M steps (M rows each needing ~out_tokens tokens), so
-    waiting for k slots takes ~k x out_tokens / M steps. Its first token comes from the step that
-    admits it: its prefill plus one decode step of the rows already running.
+    waiting for k slots takes ~k x out_tokens / M steps. Its first token comes after its prefill
+    plus one decode step of the rows already running per step the prefill spans: one step, or
+    ceil(prompt / prefill_chunk) steps with chunked prefill.
   * Classification runs one batch (`@serve.batch`, up to M rows of one stitch) at a time on the same
     engine thread: a request waits for the other stitches' busy batches and for whole batches of its
     own stitch ahead of it.
@@ -104,12 +105,13 @@ class LatencyTracker:
 
     def __init__(self, profiles: dict[str, tuple[float, dict[int, float]]], *, max_slots: int,
                  parts: Mapping[str, Mapping[str, float]] | None = None, alpha: float = 0.2,
-                 default_output_tokens: int = 16) -> None:
+                 default_output_tokens: int = 16, prefill_chunk: int | None = None) -> None:
         if not profiles:
             raise ValueError("no stitch profiles")
         self.prefill_s_per_token = {s: float(p) for s, (p, _) in profiles.items()}
         self.decode_step_s = {s: monotone_profile(d) for s, (_, d) in profiles.items()}
         self.M = max_slots
+        self.prefill_chunk = prefill_chunk
         self.parts = {s: dict(parts[s]) if parts is not None else {s: 1.0} for s in profiles}
         self.size = {s: float(sum(p.values())) for s, p in self.parts.items()}
         if any(v <= 0 for v in self.size.values()):
@@ -234,7 +236,9 @@ class LatencyTracker:
         token = self.step_s(joined)
         ahead = max(0, n - self.M)  # rows (ours last) beyond the slots: each waits for a slot to free
         queue = ahead * out_tokens / self.M * token
+        # every step the prefill spans also decodes the running rows
+        spans = math.ceil(prompt * batch_rows / self.prefill_chunk) if self.prefill_chunk else 1
         prefill = (self.correction(stitch, "prefill") * self.prefill_s_per_token[stitch] * prompt * batch_rows
-                   + self.step_s(running))  # the admitting step also decodes the running rows
+                   + spans * self.step_s(running))
         total = queue + prefill + max(max_tokens - 1, 0) * token
         return LatencyEstimate(token_s=token, request_s=total, prefill_s=prefill, queue_s=queue)

@@ -47,9 +47,9 @@ class StepStats:
     """One engine step (seconds == 0: no step, only the load changed, e.g. after an abort)."""
 
     seconds: float  # compute time of the step on the engine thread
-    decode_rows: dict[str, int]  # stitch -> rows decoded (the rows running when the step began)
-    prefill_tokens: dict[str, int]  # stitch -> prompt tokens prefilled for the requests admitted in it
-    admitted: int  # requests that got a slot (and their first token) in this step
+    decode_rows: dict[str, int]  # stitch -> rows decoded (the rows in slots when the step began)
+    prefill_tokens: dict[str, int]  # stitch -> padded prompt tokens prefilled in it (whole prompts or chunks)
+    admitted: int  # requests that got their first token in this step
     finished: int  # requests that hit a stop token or max_tokens in this step
     running: dict[str, int] = field(default_factory=dict)  # stitch -> rows in the engine after the step
     waiting: dict[str, int] = field(default_factory=dict)  # stitch -> requests waiting for a slot after it
@@ -293,8 +293,7 @@ class EngineLoop:
 
     def _step(self) -> None:
         eng = self._engine
-        decode = dict(Counter(r.stitch.id for r in eng.rows))
-        waiting_before = {r.rid for r in eng.waiting}
+        first = {r.rid for r in eng.waiting} | {r.rid for r in eng.prefilling}
         t0 = time.perf_counter()
         try:
             out = eng.step()
@@ -306,14 +305,11 @@ class EngineLoop:
             return
         seconds = time.perf_counter() - t0
         finished = dict(eng.last_finished)
-        admitted = [rid for rid in out if rid in waiting_before]
-        prefill: Counter[str] = Counter()
-        if admitted:  # prompts of one admission are right-padded to the longest of them
-            longest = max(len(self._by_rid[rid].prompt) for rid in admitted)
-            for rid in admitted:
-                prefill[self._by_rid[rid].stitch] += longest
+        decode = dict(eng.last_decoded)
+        admitted = sum(rid in first for rid in out)
         self._publish_load()
-        stats = StepStats(seconds, decode, dict(prefill), len(admitted), len(finished), self.running, self.waiting)
+        stats = StepStats(seconds, decode, dict(eng.last_prefill), admitted, len(finished), self.running,
+                          self.waiting)
         c = self.counters
         self.counters = {**c, "steps": c["steps"] + 1, "mixed_steps": c["mixed_steps"] + (len(decode) > 1),
                          "max_stitches_per_step": max(c["max_stitches_per_step"], len(decode)),
@@ -325,6 +321,8 @@ class EngineLoop:
             if fin is not None:
                 del self._by_rid[rid]
             groups.setdefault(seq.loop, []).append((seq, tok, fin))
+        if not groups and self._by_rid:  # a step that only prefilled chunks: its stats still count
+            groups[next(iter(self._by_rid.values())).loop] = []
         self._post(groups, stats, t0)
 
     def _post(self, groups: dict[asyncio.AbstractEventLoop, list], stats: StepStats | None, t0: float) -> None:

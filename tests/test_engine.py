@@ -199,6 +199,61 @@ def test_stop_tokens_and_finish_reasons(pst_model, ref):
     assert engine.last_finished == {rid: "length"}
 
 
+LONG = _prompts(1, seed=5)[0] * 3  # 15 tokens: several chunks
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+@pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded-to-bucket"])
+def test_chunked_prefill_gives_every_row_what_it_gets_unchunked(pst_model, ref, chunk, pad):
+    """Prompts written over several steps (junk decode rows for the prefilling ones, pieces of
+    different prompts batched with different start positions) change no row's tokens, greedy or
+    seeded, and free every slot."""
+    ids = [s.id for s in pst_model.stitches]
+    hot = SamplingParams(max_tokens=N_NEW, temperature=1.1, top_p=0.9, seed=5)
+    jobs = [(p, ids[(i * 3) % 7], _greedy()) for i, p in enumerate([*PROMPTS, LONG])] + [(LONG, "s2-l4", hot)]
+    cfg = dict(max_slots=4, max_seq_len=32, kv_block=8, pad_to_bucket=pad, batch_buckets=[4])
+    want = _run(StitchEngine(pst_model, EngineConfig(**cfg)), jobs)
+    engine = StitchEngine(pst_model, EngineConfig(**cfg, prefill_chunk=chunk))
+    got = _run(engine, jobs)
+    assert got == want
+    for i, (p, sid, sp) in enumerate(jobs[:-1]):
+        assert got[i] == ref(p, sid), (i, sid)
+    assert engine.free_slots() == 4 and not engine.prefilling and not engine.requests
+
+
+def test_chunked_prefill_keeps_running_rows_decoding(pst_model, ref):
+    """A long prompt joining running rows costs them one chunk per step, not a stall: every step
+    still gives each running row its token, and the joiner's first token comes after
+    ceil(len / chunk) steps. Aborting a prompt mid-prefill frees its slot."""
+    engine = StitchEngine(pst_model, EngineConfig(max_slots=3, max_seq_len=40, kv_block=8, prefill_chunk=4))
+    a = engine.add_request(PROMPTS[2], "s2-l3", _greedy(N_REF))  # 3 tokens: one chunk
+    assert set(engine.step()) == {a}
+    b = engine.add_request(LONG, "large", _greedy(3))  # 15 tokens: 4 chunks
+    got, steps = {a: [ref(PROMPTS[2], "s2-l3", 1)[0]], b: []}, []
+    while b not in got or not got[b]:
+        out = engine.step()
+        steps.append((set(out), dict(engine.last_prefill), dict(engine.last_decoded)))
+        for rid, tok in out.items():
+            got[rid].append(tok)
+    assert [s[0] for s in steps] == [{a}, {a}, {a}, {a, b}]
+    assert [s[1] for s in steps] == [{"large": 4}] * 3 + [{"large": 3}]
+    assert steps[0][2] == {"s2-l3": 1} and steps[1][2] == {"s2-l3": 1, "large": 1}  # b's row runs, discarded
+    c = engine.add_request(LONG, "small", _greedy(2))
+    for rid, tok in engine.step().items():
+        got[rid].append(tok)
+    assert len(engine.prefilling) == 1 and engine.abort(c) and not engine.prefilling
+    assert engine.num_running == 2
+    while engine.has_unfinished():
+        for rid, tok in engine.step().items():
+            got[rid].append(tok)
+    assert got[a] == ref(PROMPTS[2], "s2-l3", N_REF) and got[b] == ref(LONG, "large", 3)
+    assert engine.free_slots() == 3
+    with pytest.raises(ValueError, match="prefilled"):
+        engine.add_request(LONG, "small", _greedy(2))
+        engine.step()
+        engine.decode_burst(1)
+
+
 def test_seeded_sampling_reproducible_and_independent_of_companions(pst_model):
     hot = SamplingParams(max_tokens=N_NEW, temperature=1.3, top_p=0.9, seed=123)
 

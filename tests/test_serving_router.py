@@ -163,6 +163,14 @@ def test_mixed_step_reads_the_union_of_the_blocks():
     assert t.estimate("a", prompt_tokens=1).token_s == pytest.approx(1.5 * (0.020 + 0.012 * 2 / 3), rel=1e-9)
 
 
+def test_chunked_prefill_spans_several_steps_of_the_running_rows():
+    t = tracker(prefill_chunk=4)
+    t.begin("b")
+    e = t.estimate("a", prompt_tokens=10)  # ceil(10 / 4) = 3 steps, each also decoding b's row
+    assert e.prefill_s == pytest.approx(0.001 * 10 + 3 * 0.020, rel=1e-9)
+    assert tracker(prefill_chunk=16).estimate("a", prompt_tokens=10).prefill_s == pytest.approx(0.010, rel=1e-9)
+
+
 def test_mixed_observations_correct_every_stitch_in_the_step():
     t = tracker()
     pred = 0.020 + (0.032 - 0.020) / 3  # a + b at batch 2, reference b

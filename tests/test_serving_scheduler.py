@@ -86,6 +86,40 @@ def test_mixed_stitches_share_steps_and_match_alone(runtime):
     assert all(s.admitted == 1 for s in joined)
 
 
+def test_chunked_prefill_reports_its_pieces_and_keeps_the_running_row_going(runtime):
+    """With prefill_chunk the joiner's prompt is written over several steps: every one of them still
+    decodes the running row (one token each), reports the chunk it prefilled, and counts the joiner as
+    admitted only in the step that gives its first token. Outputs equal the unchunked ones."""
+    a, b = runtime.stitches[1].id, runtime.stitches[-1].id
+    steps = []
+
+    async def main():
+        eng = RuntimeEngine(runtime, max_slots=2, max_seq_len=256, prefill_chunk=4)
+        eng.on_step = steps.append
+        ids = prompt(eng)
+        try:
+            alone_a = await collect(eng.stream(GenerationRow("a0", ids, greedy(LONG)), a))
+            alone_b = await collect(eng.stream(GenerationRow("b0", ids, greedy(8)), b))
+            steps.clear()
+            long_a = eng.stream(GenerationRow("a1", ids, greedy(LONG)), a)
+            first = await long_a.__anext__()
+            got_b = await collect(eng.stream(GenerationRow("b1", ids, greedy(8)), b))
+            rest = await collect(long_a)
+            assert got_b == alone_b and [first] + rest == alone_a
+            return len(ids)
+        finally:
+            await eng.shutdown()
+
+    n = asyncio.run(main())
+    pieces = [min(4, n - i) for i in range(0, n, 4)]
+    a_prefill = [s for s in steps if a in s.prefill_tokens]
+    b_prefill = [s for s in steps if b in s.prefill_tokens]
+    assert [s.prefill_tokens[a] for s in a_prefill] == pieces
+    assert [s.prefill_tokens[b] for s in b_prefill] == pieces
+    assert all(s.decode_rows.get(a) == 1 for s in b_prefill)  # a decoded in every step of b's prefill
+    assert [s.admitted for s in b_prefill] == [0] * (len(pieces) - 1) + [1]
+
+
 def test_cancelled_stream_frees_its_slot_while_others_go_on(runtime):
     """Per-row abort: cancelling one consumer drops its row at the next step boundary; the freed slot
     goes to a waiting request at once while the other row keeps decoding, unchanged."""

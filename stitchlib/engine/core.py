@@ -9,14 +9,21 @@ each block's rows are a contiguous slice); waiting requests queue for a free slo
   3. admit: waiting requests take free slots (rows move so the batch stays sorted; at most one row
      per stitch group is moved) and are prefilled, which yields their first token.
 
-Every request active in a step gets exactly one token from it. Tokens cross to the host once per
-step (the values callers asked for); nothing else syncs. Single-threaded: call from one thread.
+Chunked prefill (`prefill_chunk`): a step prefills at most that many prompt tokens, continuing the
+prompts already in progress (oldest first) before admitting new ones, so one long prompt delays the
+running rows' next token by one chunk, not by its whole prefill. A request holds its slot while its
+prompt is being written; the decode steps in between run its row too (the batch stays one sorted
+block) but discard that row's token, and the K/V it writes lands at the next unwritten position,
+which the next chunk overwrites before anything attends to it.
+
+Every decoding request gets exactly one token per step. Tokens cross to the host once per step (the
+values callers asked for); nothing else syncs. Single-threaded: call from one thread.
 """
 from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +50,10 @@ class EngineConfig(BaseModel):
                                                 "(fewer distinct shapes for CUDA graphs, less scanning than max_seq_len)")
     prefill_tokens: int = Field(4096, ge=1, description="padded tokens per prefill call; joiners beyond it are "
                                                         "prefilled in further calls of the same step")
+    prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens prefilled per step (chunked prefill: a "
+                                                              "longer prompt is written over several steps while "
+                                                              "the running rows keep decoding); None: whole prompts "
+                                                              "in the step that admits them")
     stitches: list[str] | None = Field(None, description="stitches this engine serves (sizes the caches); None: all")
     cuda_graphs: bool | None = Field(None, description="capture decode steps in CUDA graphs (None: on for CUDA)")
     compile_layers: bool = Field(False, description="torch.compile the decoder-block call (one compiled graph "
@@ -69,6 +80,11 @@ class Request:
     produced: int = 0
     tokens: list[int] = field(default_factory=list)
     finished: FinishReason | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        """Holds a slot but its prompt is not fully written yet (chunked prefill)."""
+        return self.length < len(self.prompt)
 
 
 class StitchEngine:
@@ -109,8 +125,11 @@ class StitchEngine:
         self.lengths = torch.zeros(cfg.max_slots, dtype=torch.long, device=self.device)
         self.rows: list[Request] = []  # running, sorted by key; rows[i].row == i
         self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []  # in slots, prompt partly written; oldest first
         self.requests: dict[int, Request] = {}
         self.last_finished: dict[int, FinishReason] = {}
+        self.last_prefill: dict[str, int] = {}  # stitch id -> padded prompt tokens prefilled in the last step
+        self.last_decoded: dict[str, int] = {}  # stitch id -> rows the last step decoded (prefilling ones included)
         self._next_rid = 0
         self._plans: OrderedDict[tuple[int, ...], RoutePlan] = OrderedDict()
         use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
@@ -152,6 +171,8 @@ class StitchEngine:
         if req is None:
             return False
         if req.row >= 0:
+            if req.prefilling:
+                self.prefilling.remove(req)
             self._remove(req.row)
         else:
             self.waiting.remove(req)
@@ -162,12 +183,14 @@ class StitchEngine:
     def step(self) -> dict[int, int]:
         """Advance every active request by one token. -> {request id: token}. Requests that finished
         in this step are listed with their reason in `last_finished` and are gone afterwards."""
-        self.last_finished = {}
+        self.last_finished, self.last_prefill, self.last_decoded = {}, {}, {}
         out: dict[int, int] = {}
-        if self.rows:
+        if len(self.prefilling) < len(self.rows):  # someone is decoding
             running = list(self.rows)
+            self.last_decoded = dict(Counter(r.stitch.id for r in running))
             for req, tok in zip(running, self._decode().tolist()):
-                self._emit(req, tok, out)
+                if not req.prefilling:
+                    self._emit(req, tok, out)
             self._release(running)
         self._release(self._admit(out))
         return out
@@ -193,6 +216,8 @@ class StitchEngine:
     def decode_burst(self, steps: int) -> torch.Tensor:
         """Benchmark helper: `steps` decode steps of the running rows with no host reads, no stop
         checks and no admission. -> tokens [n, steps] (on the device)."""
+        if self.prefilling:
+            raise ValueError("decode_burst needs every running prompt fully prefilled")
         longest = max(r.length for r in self.rows) + steps
         if longest > self.cfg.max_seq_len:
             raise ValueError(f"{steps} more steps exceed max_seq_len ({longest} > {self.cfg.max_seq_len})")
@@ -243,7 +268,11 @@ class StitchEngine:
         self.tokens[:n] = tok
         self.lengths[:n] += 1
         for r in self.rows:
-            r.length += 1
+            if not r.prefilling:
+                r.length += 1
+        if self.prefilling:  # their next token position stays where the next chunk starts
+            rows = torch.tensor([r.row for r in self.prefilling], device=self.device)
+            self.lengths[rows] = torch.tensor([r.length for r in self.prefilling], device=self.device)
         return tok
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -251,7 +280,7 @@ class StitchEngine:
         request's own generator: a row's draws never depend on its batch companions. Same maths
         and draw order as `stitchlib.sampling.sample_next`, without its host-side all-greedy check."""
         tok = logits.argmax(-1)
-        idx = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
+        idx = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and not r.prefilling]
         if not idx:
             return tok
         dev = logits.device
@@ -285,47 +314,71 @@ class StitchEngine:
                 self.last_finished[req.rid] = req.finished
 
     def _admit(self, out: dict[int, int]) -> list[Request]:
-        """Move waiting requests into free slots and prefill them (their first token)."""
-        admitted: list[Request] = []
-        while self.waiting and len(self.rows) < self.cfg.max_slots:
+        """Spend this step's prefill budget: first on the prompts already in progress (oldest first),
+        then on waiting requests, which take free slots. -> the requests that got their first token."""
+        budget = self.cfg.prefill_chunk or math.inf
+        pieces: list[tuple[Request, int]] = []  # (request, prompt tokens to write now)
+        for req in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(len(req.prompt) - req.length, budget)
+            pieces.append((req, n))
+            budget -= n
+        while budget > 0 and self.waiting and len(self.rows) < self.cfg.max_slots:
             req = self.waiting.popleft()
             self._insert(req)
-            admitted.append(req)
-        if not admitted:
-            return admitted
-        admitted.sort(key=lambda r: r.row)
-        chunk: list[Request] = []
-        for req in admitted:
-            t = max([len(r.prompt) for r in chunk] + [len(req.prompt)])
+            self.prefilling.append(req)
+            n = min(len(req.prompt), budget)
+            pieces.append((req, n))
+            budget -= n
+        if not pieces:
+            return []
+        pieces.sort(key=lambda p: p[0].row)
+        chunk: list[tuple[Request, int]] = []
+        for piece in pieces:
+            t = max(n for _, n in [*chunk, piece])
             if chunk and t * (len(chunk) + 1) > self.cfg.prefill_tokens:
                 self._prefill(chunk, out)
                 chunk = []
-            chunk.append(req)
+            chunk.append(piece)
         self._prefill(chunk, out)
-        return admitted
+        done = [r for r, _ in pieces if not r.prefilling]
+        self.prefilling = [r for r in self.prefilling if r.prefilling]
+        return done
 
-    def _prefill(self, reqs: list[Request], out: dict[int, int]) -> None:
-        """Right-padded prompts of `reqs` (sorted by row) written at positions 0..len-1 of their slots;
-        pad positions get junk K/V that the length mask hides until decode overwrites them."""
-        B, T = len(reqs), max(len(r.prompt) for r in reqs)
+    def _prefill(self, pieces: list[tuple[Request, int]], out: dict[int, int]) -> None:
+        """Write the next `n` prompt tokens of each request (sorted by row) at positions length..length+n-1
+        of its slot, right-padded to the longest piece. Pad tokens sit at later positions of their own
+        row (clamped to the slot's last position, which a prompt never reaches since max_tokens >= 1),
+        so their junk K/V is overwritten before anything attends to it. Requests whose prompt is now
+        complete sample their first token."""
+        B, T = len(pieces), max(n for _, n in pieces)
         ids = torch.zeros(B, T, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
+        start = torch.tensor([r.length for r, _ in pieces], dtype=torch.long)
+        for i, (r, n) in enumerate(pieces):
+            ids[i, :n] = torch.tensor(r.prompt[r.length: r.length + n])
         ids = ids.to(self.device)
-        pos = torch.arange(T, device=self.device).expand(B, T)
-        plen = torch.tensor([len(r.prompt) for r in reqs], dtype=torch.long, device=self.device)
-        rows = [r.row for r in reqs]
+        pos = (start[:, None] + torch.arange(T)).clamp(max=self.cfg.max_seq_len - 1).to(self.device)  # [B, T]
+        end = [r.length + n for r, n in pieces]
+        last = torch.tensor([n - 1 for _, n in pieces], dtype=torch.long, device=self.device)
+        rows = [r.row for r, _ in pieces]
         cache_rows = (slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1))
                       else torch.tensor(rows, dtype=torch.long, device=self.device))
-        plan = self._plan(tuple(r.key for r in reqs))
+        plan = self._plan(tuple(r.key for r, _ in pieces))
+        for (r, _), e in zip(pieces, end):
+            r.length = e
+            self.last_prefill[r.stitch.id] = self.last_prefill.get(r.stitch.id, 0) + T
+        done = [i for i, (r, _) in enumerate(pieces) if not r.prefilling]
         with self._lock:
-            logits = self.runner.forward(ids, pos, cache_rows, plan, self._kv_len(T), last=plen - 1)
-            tok = self._sample(logits, reqs)
-        self.tokens[cache_rows] = tok
-        self.lengths[cache_rows] = plen
-        for r, t in zip(reqs, tok.tolist()):
-            r.length = len(r.prompt)
-            self._emit(r, t, out)
+            logits = self.runner.forward(ids, pos, cache_rows, plan, self._kv_len(max(end)), last=last)
+            tok = self._sample(logits[done] if len(done) < B else logits, [pieces[i][0] for i in done]) if done else None
+        self.lengths[cache_rows] = torch.tensor(end, dtype=torch.long, device=self.device)
+        if tok is None:
+            return
+        done_rows = torch.tensor([rows[i] for i in done], dtype=torch.long, device=self.device)
+        self.tokens[done_rows] = tok
+        for i, t in zip(done, tok.tolist()):
+            self._emit(pieces[i][0], t, out)
 
     # ---- slots: keep rows compact and sorted by key, moving at most one row per group -------------
     def _move(self, src: int, dst: int) -> None:
