@@ -4,13 +4,15 @@ When stitch n is trained, Q_n = sum |w * dL/dw| over the trainable tensors its r
 cheap way: over what already has gradients from that step). Scores are smoothed with an EMA
 q_n <- eta q_n + (1 - eta) Q_n. After a uniform warm-up, sampling picks a cost interval uniformly
 and then a stitch inside it from softmax(standardised q). Deployment takes the top-score stitch of
-every interval plus both anchors. Everything is seeded and its state round-trips for resume.
+every interval plus both anchors; `validated_deploy` then checks that choice on a validation split.
+Everything is seeded and its state round-trips for resume.
 """
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -95,11 +97,12 @@ class SnipSampler:
         prev = self.scores[slot]
         self.scores[slot] = q if prev is None else self.eta * prev + (1 - self.eta) * q
 
-    def deploy(self, always: Iterable[int] = ()) -> list[int]:
-        """Top-score stitch of every interval, plus `always` (the anchors), sorted by cost."""
-        chosen = set(always)
+    def deploy(self, always: Iterable[int] = (), exclude: Iterable[int] = ()) -> list[int]:
+        """Top-score stitch of every interval (leaving out `exclude`), plus `always` (the anchors),
+        sorted by cost."""
+        chosen, skip = set(always), set(exclude)
         for group in self.groups():
-            scored = [c for c in group if self.scores[c] is not None]
+            scored = [c for c in group if self.scores[c] is not None and c not in skip]
             if scored:
                 chosen.add(max(scored, key=lambda c: (self.scores[c], -self.costs[c])))
         return sorted(chosen, key=lambda c: self.costs[c])
@@ -115,3 +118,50 @@ class SnipSampler:
         rng = state["rng"]
         # JSON round trips turn the tuple state into lists; random wants tuples back
         self.rng.setstate((rng[0], tuple(rng[1]), rng[2]) if isinstance(rng, list) else rng)
+
+
+@dataclass
+class Deployment:
+    slots: list[int]  # deployed, sorted by cost
+    quality: dict[int, float]  # every slot evaluated along the way
+    rejected: dict[int, float] = field(default_factory=dict)  # top-score stitches that validated below the floor
+    dropped_intervals: list[int] = field(default_factory=list)  # intervals left without a route
+
+
+def validated_deploy(sampler: SnipSampler, quality_of: Callable[[list[int]], dict[int, float]], *, floor_slot: int,
+                     always: Sequence[int], tries: int = 3,
+                     known: dict[int, float] | None = None) -> Deployment:
+    """ESTA deploys the top SNIP score per interval without evaluating it. A score measures how much
+    the loss would move, not how good the stitch is, so a stitch that is broken (chance accuracy,
+    large gradients) can carry the top score of its interval. The deployed routes are evaluated
+    anyway, so check them: a stitch whose validation quality (higher is better) is below that of
+    `floor_slot` (the small anchor: cheaper than every stitch, so a stitch below it is never worth
+    its route) is replaced by the next score in its interval, up to `tries` stitches per interval;
+    an interval whose tries all fail gets no route (its budgets fall to a cheaper route).
+    `quality_of(slots)` evaluates slots not seen yet; `known` are results already measured.
+    tries=0 turns the check off (ESTA as published)."""
+    quality = dict(known or {})
+
+    def measure(slots: Iterable[int]) -> None:
+        todo = [s for s in dict.fromkeys(slots) if s not in quality]
+        if todo:
+            quality.update(quality_of(todo))
+
+    excluded: set[int] = set()
+    rejected: dict[int, float] = {}
+    failed: dict[int, int] = {}  # interval -> stitches rejected there
+    while True:
+        slots = sampler.deploy(always=always, exclude=excluded)
+        measure([floor_slot, *slots])
+        floor = quality[floor_slot]
+        bad = [s for s in slots if s not in always and quality[s] < floor]
+        if tries == 0 or not bad:
+            served = {sampler.interval[s] for s in slots if s not in always}
+            return Deployment(slots, quality, rejected, sorted(set(failed) - served))
+        for s in bad:
+            excluded.add(s)
+            rejected[s] = quality[s]
+            iv = sampler.interval[s]
+            failed[iv] = failed.get(iv, 0) + 1
+            if failed[iv] >= tries:  # give the interval up
+                excluded.update(c for c in sampler.candidates if sampler.interval[c] == iv)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stitchlib.sampling import make_generator, sample_next, top_p_filter
-from stitchlib.snip import SnipSampler, cost_intervals, snip_score
+from stitchlib.snip import SnipSampler, cost_intervals, snip_score, validated_deploy
 from stitchlib.space import StitchSpaceConfig, enumerate_stitches, nearest_map, stitch_positions
 
 
@@ -153,3 +153,36 @@ def test_snip_score_counts_only_this_backward():
     assert snip_score([w]) == pytest.approx(3 + 8)
     (w * torch.tensor([1.0, 1.0])).sum().backward()  # grads accumulate
     assert snip_score([w], before) == pytest.approx(1 + 2)
+
+
+def test_validated_deploy_replaces_top_scores_that_validate_below_the_small_anchor():
+    # slot 0: small anchor (candidate, interval 0); 1-6: stitches; 7: large anchor (not a candidate)
+    costs = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    s = SnipSampler(costs, candidates=[0, 1, 2, 3, 4, 5, 6], n_intervals=3, warmup_steps=0, seed=0)
+    assert s.interval == [0, 0, 0, 1, 1, 2, 2, 2]
+    for slot, q in {0: 1.0, 1: 2.0, 2: 9.0, 3: 8.0, 4: 7.0, 5: 5.0, 6: 6.0}.items():
+        s.update(slot, q)
+    acc = {0: 0.60, 1: 0.70, 2: 0.20, 3: 0.25, 4: 0.24, 5: 0.90, 6: 0.95, 7: 0.98}
+    asked: list[list[int]] = []
+
+    def quality_of(slots):
+        asked.append(list(slots))
+        return {x: acc[x] for x in slots}
+
+    assert s.deploy(always=[0, 7]) == [0, 2, 3, 6, 7]  # ESTA: broken 2 and 3 carry their intervals' top scores
+    dep = validated_deploy(s, quality_of, floor_slot=0, always=[0, 7], tries=3)
+    # interval 0: 2 (0.20) -> 1 (0.70); interval 1: 3 and then 4 fail, none left -> no route; 2: 6 is fine
+    assert dep.slots == [0, 1, 6, 7]
+    assert dep.rejected == {2: 0.20, 3: 0.25, 4: 0.24}
+    assert dep.dropped_intervals == [1]
+    assert sorted(x for a in asked for x in a) == [0, 1, 2, 3, 4, 6, 7]  # each slot evaluated once, 5 never
+
+    # tries=1 gives an interval up after its first failure; tries=0 is ESTA unchecked
+    one = validated_deploy(s, lambda xs: {x: acc[x] for x in xs}, floor_slot=0, always=[0, 7], tries=1)
+    assert one.slots == [0, 6, 7] and one.dropped_intervals == [0, 1]
+    off = validated_deploy(s, lambda xs: {x: acc[x] for x in xs}, floor_slot=0, always=[0, 7], tries=0)
+    assert off.slots == [0, 2, 3, 6, 7] and off.rejected == {}
+    # results measured before (eval_stitches=all) are not measured again
+    pre = validated_deploy(s, lambda xs: pytest.fail(f"evaluated {xs} again"), floor_slot=0, always=[0, 7],
+                           known=acc)
+    assert pre.slots == dep.slots

@@ -2,6 +2,7 @@
 real SIGTERM / SIGINT, and one clear line for each kind of bad input."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -171,6 +172,10 @@ def test_classify_end_to_end(tmp_path):
     assert (cfg.out_path / "report.json").is_file()
     assert (cfg.out_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not cfg.checkpoint_path.parent.exists()  # cleaned up after success
+    small = next(s for s in m.stitches if s.id == "small").metrics["accuracy"]
+    assert all(s.metrics["accuracy"] >= small for s in m.deployed())  # deployment was validated
+    rej = [r["id"] for r in res.report["stitches"] if r["rejected"]]
+    assert res.report["summary"]["rejected_top_score"] == rej and not set(rej) & set(dep)
     # every route learned the keyword task (3 balanced-ish classes: chance is ~1/3, untrained loss ~ln 3)
     assert m.stitches[-1].metrics["accuracy"] > 0.6
     assert mean([s.metrics["accuracy"] for s in m.stitches]) > 0.5
@@ -179,6 +184,37 @@ def test_classify_end_to_end(tmp_path):
     rt = PaletteRuntime.load(cfg.out_path, dtype="float32")
     probs = rt.classify(["goal match team score coach", "bread soup cake rice spice"], "large")
     assert [max(p, key=p.get) for p in probs] == ["sport", "food"]
+
+
+def test_deployment_is_checked_against_the_small_anchor(tmp_path):
+    """Only what deployment needs is evaluated (eval_stitches=deployed); no deployed stitch validates
+    below the small anchor; a top-score stitch that does is replaced, and an interval whose tries all
+    fail gets no route."""
+    from training.task_data import load_examples
+    from training.trainer import Trainer
+
+    cfg = config(tmp_path, write_classify(tmp_path / "d.jsonl"), "classify", steps=8, eval_stitches="deployed")
+    trainer = Trainer(cfg)
+    trainer.setup(load_examples(cfg))
+    res = trainer.run()
+    m, dep, ids = res.model, res.deployment, lambda slots: {res.model.stitches[s].id for s in slots}
+    floor = res.metrics["small"]["accuracy"]
+    assert {"small", "large"} <= ids(dep.slots)
+    assert set(res.metrics) == ids(dep.slots) | ids(dep.rejected)
+    assert all(res.metrics[i]["accuracy"] >= floor for i in ids(dep.slots))
+
+    # a floor no stitch reaches: each interval tries its top deploy_tries scores, evaluates them, gives up
+    trainer.metrics["small"]["accuracy"] = 1.5
+    hard = trainer.deploy()
+    assert hard.slots == [m.slot["small"], m.slot["large"]]
+    iv = res.sampler.interval
+    # (the small anchor's own interval is left out: where it has the top score, nothing there is tried)
+    scored = [s for s in res.sampler.candidates if res.sampler.scores[s] is not None and iv[s] != iv[m.slot["small"]]]
+    per_interval = collections.Counter(iv[s] for s in scored)
+    tried = collections.Counter(iv[s] for s in hard.rejected if iv[s] != iv[m.slot["small"]])
+    assert tried == {k: min(n, cfg.deploy_tries) for k, n in per_interval.items()}
+    assert set(per_interval) <= set(hard.dropped_intervals)
+    assert set(hard.rejected) <= {m.slot[i] for i in trainer.metrics}  # rejected ones were really evaluated
 
 
 @pytest.mark.slow

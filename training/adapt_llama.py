@@ -7,7 +7,8 @@ anchor pair into a palette.
 Pipeline: check the options and the output paths -> load and split the data -> load and pair the
 anchors -> least-squares calibration of every stitching layer -> the training loop
 (training/trainer.py) -> evaluate every stitch on the validation split -> deploy the top-SNIP-score
-stitch of each cost interval plus both anchors -> write the palette atomically with report.json and
+stitch of each cost interval plus both anchors, replacing one that validates below the small anchor
+by its interval's next score (--deploy-tries) -> write the palette atomically with report.json and
 pareto.png inside. Bad input stops before anything is written, with one line on stderr.
 SIGINT/SIGTERM checkpoint and stop; the same command with --resume continues to the same palette.
 """
@@ -75,8 +76,8 @@ def adapt(cfg: TrainConfig, stop=None) -> AdaptResult:
 
     model, sampler, metrics = res.model, res.sampler, res.metrics
     quality = quality_metric(cfg.task)
-    deployed_slots = sampler.deploy(always=[model.slot["small"], model.slot["large"]])
-    deployed = {model.stitches[s].id for s in deployed_slots}
+    deployed = {model.stitches[s].id for s in res.deployment.slots}
+    rejected = {model.stitches[s].id for s in res.deployment.rejected}
     scores = {model.stitches[s].id: q for s, q in enumerate(sampler.scores) if q is not None}
     rows = []
     for slot, s in enumerate(model.stitches):
@@ -84,10 +85,13 @@ def adapt(cfg: TrainConfig, stop=None) -> AdaptResult:
         rows.append({"id": s.id, "kind": s.kind, "split": s.split, "join": s.join, "gflops": c.gflops,
                      "params": c.params, "interval": sampler.interval[slot], "score": scores.get(s.id),
                      "times_sampled": sampler.counts[slot], "deployed": s.id in deployed,
+                     "rejected": s.id in rejected,
                      "calibration_residual": res.calibration.get(s.id), "metrics": metrics.get(s.id, {})})
     intervals = R.interval_analysis(model, sampler, metrics, quality)
     summary = R.summarize(rows, metrics, sorted(deployed, key=lambda i: model.slot[i]), quality)
     summary["top_score_is_best_eval"] = f"{sum(r['match'] for r in intervals)}/{len(intervals)}" if intervals else None
+    summary["rejected_top_score"] = sorted(rejected, key=lambda i: model.slot[i])
+    summary["intervals_without_route"] = res.deployment.dropped_intervals
     trainable = model.trainable_report()
     training = {
         "kind": "pst-snip" if cfg.adapt_anchors_first == 0 else "adapt-then-stitch",
@@ -180,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
           + (f", top score = best evaluated in {match} intervals)" if match else ")"))
     for st in res.manifest.deployed():
         print(f"  {st.id:<10} {st.gflops:9.4f} GFLOPs  {s['quality_metric']} {st.metrics[s['quality_metric']]:.4f}")
+    if s["rejected_top_score"]:
+        dropped = s["intervals_without_route"]
+        print(f"  not deployed (validated below the small anchor): {', '.join(s['rejected_top_score'])}"
+              + (f"; intervals without a route: {dropped}" if dropped else ""))
     return 0
 
 

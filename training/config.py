@@ -23,7 +23,7 @@ class TrainingError(StitchError):
 # Fields that change how a run executes but not what it computes: they may differ on --resume and
 # stay out of the checkpoint's identity.
 RUNTIME_FIELDS = frozenset({"resume", "overwrite", "progress", "checkpoint_every", "checkpoint_dir",
-                            "keep_checkpoint"})
+                            "keep_checkpoint", "deploy_tries"})  # deploy_tries: chosen after training
 
 
 class TrainConfig(BaseModel):
@@ -74,6 +74,9 @@ class TrainConfig(BaseModel):
                                                  "interval; uniform: SN-Net's (scores still tracked)")
     eta: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the SNIP scores")
     n_intervals: int = Field(6, ge=1, description="cost intervals; one deployed stitch each")
+    deploy_tries: int = Field(3, ge=0, description="a deployed stitch that validates below the small anchor "
+                              "is replaced by the next SNIP score of its interval, up to this many per "
+                              "interval (then the interval gets no route); 0: top score unchecked, as ESTA")
     snip_warmup_steps: int | None = Field(None, ge=0, description="uniform-sampling steps before SNIP "
                                           "sampling starts (default 20% of the stitching steps)")
     distill: bool = Field(True, description="inplace distillation: the stitch also learns the large "

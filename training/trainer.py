@@ -33,7 +33,7 @@ from stitchlib.anchors import load_anchor
 from stitchlib.calibrate import calibrate_
 from stitchlib.model import StitchedLM, lm_loss
 from stitchlib.pst import PSTConfig, PSTLinear
-from stitchlib.snip import SnipSampler, snip_score
+from stitchlib.snip import Deployment, SnipSampler, snip_score, validated_deploy
 
 from . import task_data
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -84,6 +84,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     metrics: dict[str, dict[str, float]]
     calibration: dict[str, float]
+    deployment: Deployment
     timings: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
 
@@ -386,16 +387,38 @@ class Trainer:
             self.timings["train_s"] = sum(h["step_s"] for h in self.history)
         self.honour_stop()
         t0 = time.perf_counter()
-        ids = None
-        if cfg.eval_stitches == "deployed":
-            ids = [self.model.stitches[s].id for s in self.sampler.deploy(always=[self.small_slot, self.large_slot])]
-        self.metrics = evaluate(self.model, cfg, self.enc, stitch_ids=ids, progress=cfg.progress,
-                                before_stitch=self.honour_stop)
+        self.metrics = {} if cfg.eval_stitches == "deployed" else self.evaluate(None)
+        deployment = self.deploy()
         self.timings["eval_s"] = time.perf_counter() - t0
         self.timings["peak_rss_mb"] = peak_rss_mb()
         return TrainResult(model=self.model, sampler=self.sampler, labels=self.enc.labels, encoded=self.enc,
-                           total_steps=self.total, history=self.history, metrics=self.metrics,
+                           total_steps=self.total, history=self.history, metrics=self.metrics, deployment=deployment,
                            calibration=self.calibration, timings=self.timings, resumed_from=self.resumed_from)
+
+    def evaluate(self, ids: list[str] | None) -> dict[str, dict[str, float]]:
+        return evaluate(self.model, self.cfg, self.enc, stitch_ids=ids, progress=self.cfg.progress,
+                        before_stitch=self.honour_stop)
+
+    def deploy(self) -> Deployment:
+        """Top SNIP score per interval, checked on the validation split (stitchlib.snip.validated_deploy);
+        every stitch evaluated on the way lands in self.metrics."""
+        q = quality_metric(self.cfg.task)
+        ids = lambda slots: [self.model.stitches[s].id for s in slots]  # noqa: E731
+
+        def quality_of(slots: list[int]) -> dict[int, float]:
+            self.metrics.update(self.evaluate(ids(slots)))
+            return {s: self.metrics[i][q] for s, i in zip(slots, ids(slots))}
+
+        known = {self.model.slot[i]: m[q] for i, m in self.metrics.items()}
+        dep = validated_deploy(self.sampler, quality_of, floor_slot=self.small_slot,
+                               always=[self.small_slot, self.large_slot], tries=self.cfg.deploy_tries, known=known)
+        for s, v in dep.rejected.items():
+            log.warning("not deploying %s: its validation %s %.4g is below the small anchor's %.4g "
+                        "(it costs more)", self.model.stitches[s].id, q, v, dep.quality[self.small_slot])
+        for iv in dep.dropped_intervals:
+            log.warning("cost interval %d has no deployed stitch: the top-score stitches tried there validated "
+                        "below the small anchor", iv)
+        return dep
 
 
 @torch.no_grad()
