@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from stitchlib.anchors import load_anchor
-from stitchlib.model import StitchedLM
+from stitchlib.model import StitchedLM, lm_loss
 from stitchlib import calibrate as C
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -39,17 +39,18 @@ pairs = dict(zip([s.id for s in stitches], cap["pairs"]))
 enc = tok(held, return_tensors="pt", padding=True, truncation=True, max_length=96, padding_side="right")
 ids, attn = enc["input_ids"], enc["attention_mask"]
 @torch.no_grad()
-def lm_loss(sid):
-    out = []
+def held_out_loss(sid):
+    """Token-weighted next-token loss of route `sid` over the held-out texts."""
+    total, n = 0.0, 0
     for i in range(0, len(held), 8):
-        lo = m(ids[i:i+8], sid, attn[i:i+8])
-        lo = lo.logits if hasattr(lo, "logits") else lo
-        lab = ids[i:i+8, 1:].clone()
-        lab[attn[i:i+8, 1:] == 0] = -100
-        out.append(torch.nn.functional.cross_entropy(lo[:, :-1].float().reshape(-1, lo.shape[-1]), lab.reshape(-1),
-                                                     reduction="sum").item())
-    return sum(out) / int((attn[:, 1:] == 1).sum())
-result = {"anchors": {"small": lm_loss("small"), "large": lm_loss("large")}, "stitches": {}}
+        logits = m(ids[i:i+8], sid, attn[i:i+8])
+        logits = logits.logits if hasattr(logits, "logits") else logits
+        labels = ids[i:i+8].masked_fill(attn[i:i+8] == 0, -100)
+        k = int((labels[:, 1:] != -100).sum())
+        total += float(lm_loss(logits, labels)) * k
+        n += k
+    return total / n
+result = {"anchors": {"small": held_out_loss("small"), "large": held_out_loss("large")}, "stitches": {}}
 print(result, flush=True)
 for sid in ids_focus:
     gram, cross = pairs[sid]
@@ -61,7 +62,7 @@ for sid in ids_focus:
         g[torch.arange(d), torch.arange(d)] += r * scale
         w, b = orig(g, cross)
         m.stitching[sid].set_affine(w, b)
-        row[str(r)] = {"loss": lm_loss(sid), "w_absmax": float(w.abs().max()), "w_norm": float(w.norm()),
+        row[str(r)] = {"loss": held_out_loss(sid), "w_absmax": float(w.abs().max()), "w_norm": float(w.norm()),
                        "b_absmax": float(b.abs().max())}
         print(sid, r, row[str(r)], flush=True)
     result["stitches"][sid] = row
