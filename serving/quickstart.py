@@ -89,13 +89,25 @@ def _wait_ready(client, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
 
 
+def _fmt(x: Any, spec: str) -> str:
+    """A number the server may leave out (or send as text): '-' when missing or not a number."""
+    try:
+        return format(float(x), spec)
+    except (TypeError, ValueError):
+        return "-"
+
+
 def _budgets(stitches: list[dict]) -> list[str | None]:
-    """A spread of budgets over what this replica measured: none, by share, by FLOPs, by latency."""
-    lat = sorted(s["latency_ms"] for s in stitches)
-    gfl = sorted(s["gflops"] for s in stitches)
-    mid_lat = lat[len(lat) // 2]
-    return [None, "40%", f"{gfl[len(gfl) // 3]:.3g}GFLOPs", f"{mid_lat:.4g}ms/token",
-            f"{max(1, int(lat[0] * 0.5))}ms/token"]
+    """A spread of budgets over what this replica measured: none, by share, by FLOPs, by latency
+    (the FLOPs and latency ones only where the server reported those figures)."""
+    lat = sorted(s["latency_ms"] for s in stitches if isinstance(s.get("latency_ms"), (int, float)))
+    gfl = sorted(s["gflops"] for s in stitches if isinstance(s.get("gflops"), (int, float)))
+    out: list[str | None] = [None, "40%"]
+    if gfl:
+        out.append(f"{gfl[len(gfl) // 3]:.3g}GFLOPs")
+    if lat:
+        out += [f"{lat[len(lat) // 2]:.4g}ms/token", f"{max(1, int(lat[0] * 0.5))}ms/token"]
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         model = stitches[0]["model"]
         print(f"\n{'stitch':<10} {'params':>14} {'GFLOPs':>8} {'ms/token (measured)':>20}")
         for s in stitches:
-            print(f"{s['id']:<10} {s['params']:>14,} {s['gflops']:>8.3f} {s['latency_ms']:>20.1f}")
+            print(f"{s['id']:<10} {_fmt(s.get('params'), ',.0f'):>14} {_fmt(s.get('gflops'), '.3f'):>8} "
+                  f"{_fmt(s.get('latency_ms'), '.1f'):>20}")
         print(f"\n{'X-Compute-Budget':<22} {'stitch':<10} {'met':<6} {'est ms/tok':>10} {'took s':>7}  reply")
         for budget in _budgets(stitches):
             headers = {"X-Compute-Budget": budget} if budget else {}
@@ -142,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{budget or '(none)':<22} HTTP {r.status_code}: {r.text[:120]}")
                 continue
             text = r.json()["choices"][0]["message"]["content"].replace("\n", " ")
-            print(f"{budget or '(none)':<22} {r.headers['X-Stitch-Id']:<10} {r.headers['X-Budget-Met']:<6} "
-                  f"{float(r.headers['X-Stitch-Latency-Ms']):>10.1f} {took:>7.2f}  {text[:60]!r}")
+            print(f"{budget or '(none)':<22} {r.headers.get('X-Stitch-Id', '-'):<10} "
+                  f"{r.headers.get('X-Budget-Met', '-'):<6} {_fmt(r.headers.get('X-Stitch-Latency-Ms'), '.1f'):>10} "
+                  f"{took:>7.2f}  {text[:60]!r}")
         r = client.post("/v1/chat/completions", json={"model": model, "max_tokens": 4,
                                                       "messages": [{"role": "user", "content": "hi"}]},
                         headers={"X-Compute-Budget": "1K", "X-Budget-Policy": "strict"})

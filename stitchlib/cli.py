@@ -57,8 +57,30 @@ def _cmd_init_palette(args: argparse.Namespace) -> int:
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     out = init_palette(args.out, small=args.small, large=args.large, task=args.task, labels=labels,
                        seed=args.seed, n_calibration=args.calibration, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote least-squares-only palette {out}")
+    from .palette import read_manifest
+
+    m = read_manifest(out)
+    print(f"wrote least-squares-only palette {out} ({len(m.stitches)} stitches, {len(m.deployed())} deployed)")
+    for line in _not_deployed_lines(m):
+        print(line)
     return 0
+
+
+def _num(x: float | None, spec: str = ".4g") -> str:
+    """An optional number for a table: '-' where it is missing (unscored, unmeasured)."""
+    return "-" if x is None else format(x, spec)
+
+
+def _not_deployed_lines(m) -> list[str]:
+    """One line per stitch the palette does not deploy, with the recorded reason (stitchlib.gate)."""
+    rows = [s for s in m.stitches if not s.deployed]
+    if not rows:
+        return []
+    out = [f"not deployed ({len(rows)}):"]
+    for s in rows:
+        why = s.dropped_reason or "no reason recorded"
+        out.append(f"  {s.id:<10} {s.dropped or '-':<13} {why}")
+    return out
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -69,13 +91,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(m.model_dump_json(indent=2))
         return 0
+    qm = m.quality_metric
     print(f"palette {m.name}: task {m.task}, anchors {m.small.name} -> {m.large.name}, "
           f"{len(m.stitches)} stitches ({len(m.deployed())} deployed), {added / 1e6:.1f} MB of tensors")
+    print(f"quality metric: {qm} (higher is better)" if qm else
+          "quality metric: none recorded (serving ranks deployed stitches by size)")
+    # '*' marks deployed stitches; quality is the palette's metric, '-' where it was not measured
+    print(f"  {'id':<10} {'GFLOPs':>9} {qm or 'quality':>10} {'score':>10}  metrics")
     for s in m.stitches:
         mark = "*" if s.deployed else " "
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in s.metrics.items())
-        score = "-" if s.score is None else f"{s.score:.4g}"
-        print(f"{mark} {s.id:<10} {s.gflops:>9.3f} GFLOPs  score {score:<10} {metrics}")
+        metrics = ", ".join(f"{k}={_num(v)}" for k, v in (s.metrics or {}).items())
+        quality = _num(s.metrics.get(qm)) if qm and s.metrics else "-"
+        print(f"{mark} {s.id:<10} {_num(s.gflops, '9.3f')} {quality:>10} {_num(s.score):>10}  {metrics}")
+    for line in _not_deployed_lines(m):
+        print(line)
     return 0
 
 
@@ -103,10 +132,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         return 0
     sizes = sorted(set(args.batch_sizes))
     print(f"{'stitch':<10} {'prefill ms/tok':>14} " + " ".join(f"{'step@' + str(b) + ' ms':>11}" for b in sizes))
+    def ms(seconds: float | None) -> float | None:  # a batch size may be missing from a profile
+        return None if seconds is None else seconds * 1e3
+
     for sid, p in profiles.items():
-        print(f"{sid:<10} {p.prefill_s_per_token * 1e3:>14.3f} "
-              + " ".join(f"{p.decode_step_s[b] * 1e3:>11.2f}" for b in sizes))
-    print(f"wrote {out} ({meta['device']}); serve it with  profile: {{table: {out}}}")
+        print(f"{sid:<10} {_num(ms(p.prefill_s_per_token), '14.3f'):>14} "
+              + " ".join(f"{_num(ms(p.decode_step_s.get(b)), '11.2f'):>11}" for b in sizes))
+    print(f"wrote {out} ({meta.get('device') or 'unknown device'}); serve it with  profile: {{table: {out}}}")
     return 0
 
 

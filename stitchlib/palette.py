@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import PaletteError
+from .gate import GateResult, GateRow
 from .pst import PSTConfig
 from .space import StitchSpaceConfig
 
@@ -57,6 +58,11 @@ class StitchEntry(BaseModel):
     score: float | None = None
     deployed: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
+    # Why a stitch is not deployed; both None when deployed or when no reason was recorded (manifests
+    # written before the deployment gate). Optional with defaults, so format_version stays 1.
+    dropped: str | None = Field(None, description="reason code: a stitchlib.gate.DropReason, or "
+                                                  "'not_selected' (adapt: not its interval's SNIP choice)")
+    dropped_reason: str | None = Field(None, description="the reason as one sentence")
 
 
 class FileEntry(BaseModel):
@@ -194,6 +200,30 @@ def load_palette(palette_dir: str | Path, *, small_fingerprint: str | None = Non
     log.info("palette %s: %d stitches (%d deployed), %d tensors, %.1f MB added to the anchor pair",
              m.name, len(m.stitches), len(m.deployed()), len(tensors), added / 1e6)
     return m, tensors
+
+
+def gate_rows(manifest: PaletteManifest, metric: str | None = None) -> list[GateRow]:
+    """The manifest's stitches as gate input: cost in GFLOPs per token, quality from `metric`
+    (default: the palette's quality_metric; None where a row lacks it)."""
+    metric = metric or manifest.quality_metric
+    return [GateRow(s.id, s.gflops, s.metrics.get(metric) if metric else None) for s in manifest.stitches]
+
+
+def apply_gate(manifest: PaletteManifest, result: GateResult, *,
+               unlisted: tuple[str, str] | None = None) -> PaletteManifest:
+    """A copy of `manifest` whose rows follow the gate's verdict (stitchlib.gate.select_deployment):
+    deployed flags, and the reason code and sentence of every dropped stitch. Rows the gate did not
+    see are left as they are, or, with `unlisted=(code, sentence)`, marked not deployed for that reason."""
+    rows = []
+    for s in manifest.stitches:
+        d = result.by_id.get(s.id)
+        if d is not None:
+            s = s.model_copy(update={"deployed": d.deployed, "dropped": d.reason,
+                                     "dropped_reason": None if d.deployed else d.message})
+        elif unlisted is not None:
+            s = s.model_copy(update={"deployed": False, "dropped": unlisted[0], "dropped_reason": unlisted[1]})
+        rows.append(s)
+    return manifest.model_copy(update={"stitches": rows})
 
 
 def anchor_ref(anchor) -> AnchorRef:

@@ -176,6 +176,7 @@ def test_classify_end_to_end(tmp_path):
     assert all(s.metrics["accuracy"] >= small for s in m.deployed())  # deployment was validated
     rej = [r["id"] for r in res.report["stitches"] if r["rejected"]]
     assert res.report["summary"]["rejected_top_score"] == rej and not set(rej) & set(dep)
+    assert all(s.dropped and s.dropped_reason for s in m.stitches if not s.deployed)  # each says why
     # every route learned the keyword task (3 balanced-ish classes: chance is ~1/3, untrained loss ~ln 3)
     assert m.stitches[-1].metrics["accuracy"] > 0.6
     assert mean([s.metrics["accuracy"] for s in m.stitches]) > 0.5
@@ -215,6 +216,46 @@ def test_deployment_is_checked_against_the_small_anchor(tmp_path):
     assert tried == {k: min(n, cfg.deploy_tries) for k, n in per_interval.items()}
     assert set(per_interval) <= set(hard.dropped_intervals)
     assert set(hard.rejected) <= {m.slot[i] for i in trainer.metrics}  # rejected ones were really evaluated
+
+
+@pytest.mark.parametrize("task,eval_stitches", [("chat", "all"), ("classify", "deployed")])
+def test_cli_when_no_stitch_is_deployed(tmp_path, monkeypatch, capsys, task, eval_stitches):
+    """Issue 15: a palette whose every stitch is rejected is written, the command exits 0 and says
+    plainly that only the anchors serve and why each evaluated stitch was not deployed. The anchors'
+    validation quality is forced out of every stitch's reach (a floor no stitch can meet)."""
+    import training.trainer as T
+    from stitchlib.palette import read_manifest
+    from training.adapt_llama import main
+
+    real, q = T.evaluate, T.quality_metric(task)
+
+    def unreachable_anchors(*a, **kw):
+        out = real(*a, **kw)
+        for sid, v in (("small", 1e3), ("large", 2e3)):
+            if sid in out:
+                out[sid][q] = v
+        return out
+
+    monkeypatch.setattr(T, "evaluate", unreachable_anchors)
+    data = write_chat(tmp_path / "d.json", n=40) if task == "chat" else write_classify(tmp_path / "d.jsonl", n=40)
+    rc = main([*TINY, "--task", task, "--data", str(data), "--out", str(tmp_path / "p"), "--steps", "3",
+               "--batch-size", "4", "--seq-len", "48", "--eval-size", "8", "--calib-size", "16", "--dtype", "float32",
+               "--checkpoint-every", "0", "--no-progress", "--eval-stitches", eval_stitches])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "(7 stitches, 2 deployed" in out and "no stitch deployed: only the two anchors serve" in out
+    assert f"{q} (higher is better): small 1000, large 2000" in out
+    m = read_manifest(tmp_path / "p")
+    assert [s.id for s in m.deployed()] == ["small", "large"]
+    dropped = {s.id: s.dropped for s in m.stitches if s.kind == "stitch"}
+    assert all(dropped.values())  # every stitch says why
+    gated = [sid for sid, code in dropped.items() if code == "below_small"]
+    assert gated, dropped  # the evaluated picks fell below the small anchor, and the summary names each
+    for sid in gated:
+        assert any(ln.split()[:2] == [sid, "below_small"] for ln in out.splitlines())
+    summary = json.loads((tmp_path / "p" / "report.json").read_text())["summary"]
+    assert summary["mean_deployed_stitches"] is None and summary["deployed"] == ["small", "large"]
+    assert {d["id"] for d in summary["dropped_by_gate"]} == set(gated)
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ Pipeline: check the options and the output paths -> load and split the data -> l
 anchors -> least-squares calibration of every stitching layer -> the training loop
 (training/trainer.py) -> evaluate every stitch on the validation split -> deploy the top-SNIP-score
 stitch of each cost interval plus both anchors, replacing one that validates below the small anchor
-by its interval's next score (--deploy-tries) -> write the palette atomically with report.json and
-pareto.png inside. Bad input stops before anything is written, with one line on stderr.
+by its interval's next score (--deploy-tries) -> gate those picks (stitchlib.gate: keep only stitches
+strictly between the anchors and on the Pareto front of quality vs cost) -> write the palette
+atomically with report.json and pareto.png inside; the manifest says why each stitch is not
+deployed. Bad input stops before anything is written, with one line on stderr.
 SIGINT/SIGTERM checkpoint and stop; the same command with --resume continues to the same palette.
 """
 from __future__ import annotations
@@ -30,6 +32,11 @@ from stitchlib.errors import PaletteError, StitchError
 from training.config import TrainConfig, TrainingError, make_config
 
 log = logging.getLogger("training.adapt")
+
+
+# Stitches the gate never saw: SNIP deployment considers one stitch per cost interval.
+NOT_SELECTED = ("not_selected", "not its cost interval's validated top SNIP score (adapt deploys at most one "
+                                "stitch per interval)")
 
 
 @dataclass
@@ -56,7 +63,7 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def adapt(cfg: TrainConfig, stop=None) -> AdaptResult:
-    from stitchlib.palette import build_manifest, save_palette
+    from stitchlib.palette import apply_gate, build_manifest, save_palette
 
     from training.task_data import load_examples
 
@@ -76,22 +83,33 @@ def adapt(cfg: TrainConfig, stop=None) -> AdaptResult:
 
     model, sampler, metrics = res.model, res.sampler, res.metrics
     quality = quality_metric(cfg.task)
-    deployed = {model.stitches[s].id for s in res.deployment.slots}
+    gate = res.gate
+    deployed = set(gate.deployed_ids())
     rejected = {model.stitches[s].id for s in res.deployment.rejected}
+    dropped = {d.id: d for d in gate.dropped()}
     scores = {model.stitches[s].id: q for s, q in enumerate(sampler.scores) if q is not None}
     rows = []
     for slot, s in enumerate(model.stitches):
         c = model.cost(s)
+        why = dropped[s.id].reason if s.id in dropped else None if s.id in deployed else NOT_SELECTED[0]
         rows.append({"id": s.id, "kind": s.kind, "split": s.split, "join": s.join, "gflops": c.gflops,
                      "params": c.params, "interval": sampler.interval[slot], "score": scores.get(s.id),
                      "times_sampled": sampler.counts[slot], "deployed": s.id in deployed,
                      "rejected": s.id in rejected,
+                     "dropped": why,
                      "calibration_residual": res.calibration.get(s.id), "metrics": metrics.get(s.id, {})})
     intervals = R.interval_analysis(model, sampler, metrics, quality)
     summary = R.summarize(rows, metrics, sorted(deployed, key=lambda i: model.slot[i]), quality)
     summary["top_score_is_best_eval"] = f"{sum(r['match'] for r in intervals)}/{len(intervals)}" if intervals else None
     summary["rejected_top_score"] = sorted(rejected, key=lambda i: model.slot[i])
-    summary["intervals_without_route"] = res.deployment.dropped_intervals
+    summary["deployed"] = sorted(deployed, key=lambda i: model.slot[i])
+    summary["dropped_by_gate"] = [{"id": d.id, "reason": d.reason, "why": d.message} for d in gate.dropped()]
+    summary["not_selected"] = [r["id"] for r in rows if r["dropped"] == NOT_SELECTED[0]]
+    summary["anchors_inverted"] = gate.anchors_inverted
+    # intervals whose tries all failed validation, plus those whose validated pick the gate dropped
+    served = {sampler.interval[model.slot[i]] for i in deployed if model.get(i).kind == "stitch"}
+    gated = {sampler.interval[model.slot[i]] for i in dropped if model.slot[i] in res.deployment.slots}
+    summary["intervals_without_route"] = sorted(set(res.deployment.dropped_intervals) | (gated - served))
     trainable = model.trainable_report()
     training = {
         "kind": "pst-snip" if cfg.adapt_anchors_first == 0 else "adapt-then-stitch",
@@ -112,6 +130,7 @@ def adapt(cfg: TrainConfig, stop=None) -> AdaptResult:
                                                 is not None else {})} for sid in model.slot}
     manifest = build_manifest(model, name=cfg.palette_name, task=cfg.task, labels=res.labels, scores=scores,
                               deployed=deployed, metrics=carried, quality_metric=quality, training=training)
+    manifest = apply_gate(manifest, gate, unlisted=NOT_SELECTED)
     out = save_palette(cfg.out_path, manifest, model.palette_state_dict(), overwrite=cfg.overwrite,
                        extra_files=extra)
     if not cfg.keep_checkpoint:
@@ -176,19 +195,46 @@ def run(args: argparse.Namespace) -> int:
                      if e.checkpoint else "no checkpoint was written yet")
             print(f"adapt: interrupted by {name}; {where}", file=sys.stderr)
             return 128 + e.signum
-    s = res.report["summary"]
-    match = s["top_score_is_best_eval"]
-    print(f"wrote palette {res.palette} ({len(res.manifest.stitches)} stitches, "
-          f"{len(res.manifest.deployed())} deployed; {s['quality_metric']}: small {s['small']:.4g}, "
-          f"large {s['large']:.4g}, deployed stitches mean {s['mean_deployed_stitches']:.4g}"
-          + (f", top score = best evaluated in {match} intervals)" if match else ")"))
-    for st in res.manifest.deployed():
-        print(f"  {st.id:<10} {st.gflops:9.4f} GFLOPs  {s['quality_metric']} {st.metrics[s['quality_metric']]:.4f}")
-    if s["rejected_top_score"]:
-        dropped = s["intervals_without_route"]
-        print(f"  not deployed (validated below the small anchor): {', '.join(s['rejected_top_score'])}"
-              + (f"; intervals without a route: {dropped}" if dropped else ""))
-    return 0
+    for line in summary_lines(res):
+        print(line)
+    return 0  # the palette was written, whatever was deployed
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def summary_lines(res: AdaptResult) -> list[str]:
+    """What a user needs after a run, for every outcome: which stitches were deployed, which were
+    not and why (validation, the gate, SNIP selection), intervals left without a route."""
+    s, m = res.report["summary"], res.manifest
+    qm = s.get("quality_metric") or m.quality_metric or "quality"
+    dep = m.deployed()
+    n_stitches = sum(st.kind == "stitch" for st in dep)
+    match = s.get("top_score_is_best_eval")
+    out = [f"wrote palette {res.palette} ({len(m.stitches)} stitches, {len(dep)} deployed"
+           + (f", top score = best evaluated in {match} intervals)" if match else ")"),
+           f"  {qm} (higher is better): small {_num(s.get('small'))}, large {_num(s.get('large'))}, "
+           + (f"deployed stitches mean {_num(s.get('mean_deployed_stitches'))}" if n_stitches else
+              "no stitch deployed: only the two anchors serve (every budget gets the small or the large anchor)")]
+    if s.get("anchors_inverted"):
+        out.append("  warning: the large anchor validates no better than the small one, so no stitch can lie "
+                   "between them; train longer or check the validation split")
+    out.append("  deployed:")
+    for st in dep:
+        out.append(f"    {st.id:<10} {st.gflops:9.4f} GFLOPs  {qm} {_num(st.metrics.get(qm))}")
+    gated = [st for st in m.stitches if not st.deployed and st.dropped and st.dropped != NOT_SELECTED[0]]
+    if gated:
+        out.append("  not deployed (evaluated for deployment):")
+        for st in gated:
+            out.append(f"    {st.id:<10} {st.dropped:<13} {st.dropped_reason or ''}")
+    others = s.get("not_selected") or []
+    if others:
+        out.append(f"  not selected (not their interval's validated top SNIP score): {', '.join(others)}")
+    if s.get("intervals_without_route"):
+        out.append(f"  cost intervals without a deployed stitch: {s['intervals_without_route']} "
+                   "(their budgets get the next cheaper route)")
+    return out
 
 
 def register_cli(subparsers) -> None:

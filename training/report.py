@@ -60,11 +60,11 @@ def pareto_png(rows: list[dict[str, Any]], quality: str, title: str) -> bytes:
                label="stitch", zorder=2)
     dep = [r for r in st if r["deployed"]]
     ax.scatter([r["gflops"] for r in dep], [r["metrics"][quality] for r in dep], s=90, marker="*",
-               color="tab:red", label="deployed (top SNIP score per interval, validated)", zorder=3)
-    rej = [r for r in st if r.get("rejected")]
+               color="tab:red", label="deployed (validated SNIP pick on the Pareto front)", zorder=3)
+    rej = [r for r in st if r.get("rejected") or r.get("dropped") not in (None, "not_selected")]
     if rej:
         ax.scatter([r["gflops"] for r in rej], [r["metrics"][quality] for r in rej], s=70, marker="x",
-                   color="tab:orange", label="top score, rejected (below the small anchor)", zorder=3)
+                   color="tab:orange", label="SNIP pick not deployed (validation or gate)", zorder=3)
     for r in rows:
         if r["kind"] != "stitch":
             ax.scatter([r["gflops"]], [r["metrics"][quality]], s=60, marker="s", color="tab:blue", zorder=3,

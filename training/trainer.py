@@ -33,6 +33,7 @@ from stitchlib.anchors import load_anchor
 from stitchlib.calibrate import calibrate_
 from stitchlib.model import StitchedLM, lm_loss
 from stitchlib.pst import PSTConfig, PSTLinear
+from stitchlib.gate import GateResult, GateRow, select_deployment
 from stitchlib.snip import Deployment, SnipSampler, snip_score, validated_deploy
 
 from . import task_data
@@ -87,6 +88,7 @@ class TrainResult:
     deployment: Deployment
     timings: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
+    gate: GateResult | None = None  # the final deployment (None only for results built by hand)
 
 
 def cosine_schedule(total: int, warmup: int, min_ratio: float):
@@ -389,11 +391,13 @@ class Trainer:
         t0 = time.perf_counter()
         self.metrics = {} if cfg.eval_stitches == "deployed" else self.evaluate(None)
         deployment = self.deploy()
+        gate = self.gate(deployment)
         self.timings["eval_s"] = time.perf_counter() - t0
         self.timings["peak_rss_mb"] = peak_rss_mb()
         return TrainResult(model=self.model, sampler=self.sampler, labels=self.enc.labels, encoded=self.enc,
                            total_steps=self.total, history=self.history, metrics=self.metrics, deployment=deployment,
-                           calibration=self.calibration, timings=self.timings, resumed_from=self.resumed_from)
+                           calibration=self.calibration, timings=self.timings, resumed_from=self.resumed_from,
+                           gate=gate)
 
     def evaluate(self, ids: list[str] | None) -> dict[str, dict[str, float]]:
         return evaluate(self.model, self.cfg, self.enc, stitch_ids=ids, progress=self.cfg.progress,
@@ -419,6 +423,26 @@ class Trainer:
             log.warning("cost interval %d has no deployed stitch: the top-score stitches tried there validated "
                         "below the small anchor", iv)
         return dep
+
+    def gate(self, dep: Deployment) -> GateResult:
+        """The palette-wide deployment rule (stitchlib.gate) on top of the validated SNIP choice:
+        `validated_deploy` only checks each interval's pick against the small anchor; a larger budget
+        must also never buy a worse answer, so of its picks keep those strictly between the anchors
+        and on the Pareto front of quality vs cost. Its rejected stitches go through the gate too,
+        so every stitch evaluated for deployment carries a verdict and a reason."""
+        m = self.model
+        slots = sorted({*dep.slots, *dep.rejected})
+        rows = [GateRow(m.stitches[s].id, m.cost(m.stitches[s]).gflops, dep.quality.get(s)) for s in slots]
+        res = select_deployment(rows, small_id=m.stitches[self.small_slot].id,
+                                large_id=m.stitches[self.large_slot].id)
+        rejected = {m.stitches[s].id for s in dep.rejected}  # validated_deploy already warned about these
+        for d in res.dropped():
+            if d.id not in rejected:
+                log.warning("not deploying %s: %s", d.id, d.message)
+        if res.anchors_inverted:
+            log.warning("the large anchor validates no better than the small one (%s %.4g vs %.4g): no stitch "
+                        "can lie between them", quality_metric(self.cfg.task), res.large_quality, res.small_quality)
+        return res
 
 
 @torch.no_grad()

@@ -1,0 +1,150 @@
+"""Quality-gated, Pareto deployment: which stitches of a palette earn their cost.
+
+The product's promise is "a larger budget never buys a worse answer". The router serves, for each
+budget, the best-quality deployed route that fits; so the deployed set, ordered by cost, must have
+strictly increasing quality. A stitch is deployed only when its quality, measured on a held-out
+validation split, lies strictly between the two anchors' and no cheaper deployed route is at least
+as good (plus `min_gain`): the Pareto front of quality vs cost, anchored at both ends.
+
+Pure and torch-free: `init_palette` (least-squares palettes) and `adapt` (trained palettes) feed it
+their measured rows, and `stitchlib.palette.apply_gate` records its verdict in the manifest.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Why a stitch is not deployed (machine-readable; kept in the manifest's `dropped` field).
+DropReason = Literal["not_measured", "below_small", "above_large", "dominated"]
+DROP_REASONS: tuple[str, ...] = ("not_measured", "below_small", "above_large", "dominated")
+
+
+@dataclass(frozen=True)
+class GateRow:
+    """One route of the palette. cost: GFLOPs per token (any monotone cost figure works);
+    quality: higher is better, None when the route was not measured."""
+
+    id: str
+    cost: float
+    quality: float | None
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    id: str
+    cost: float
+    quality: float | None
+    deployed: bool
+    reason: DropReason | None  # None when deployed
+    message: str  # one sentence a user can read
+    dominated_by: str | None = None  # the cheaper deployed route, for reason "dominated"
+
+
+@dataclass(frozen=True)
+class GateResult:
+    decisions: list[GateDecision]  # every candidate, in the order of the walk (cost ascending)
+    small_id: str
+    large_id: str
+    small_quality: float
+    large_quality: float
+    min_gain: float = 0.0
+    by_id: dict[str, GateDecision] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_id", {d.id: d for d in self.decisions})
+
+    def __getitem__(self, stitch_id: str) -> GateDecision:
+        return self.by_id[stitch_id]
+
+    def deployed_ids(self) -> list[str]:
+        """Deployed routes, cheapest first (anchors included)."""
+        return [d.id for d in self.decisions if d.deployed]
+
+    def dropped(self) -> list[GateDecision]:
+        return [d for d in self.decisions if not d.deployed]
+
+    @property
+    def anchors_inverted(self) -> bool:
+        """The large anchor measured no better than the small one: no stitch can lie between them,
+        and the two anchors alone break "more budget, better answer" (the gate keeps them anyway)."""
+        return self.large_quality <= self.small_quality
+
+
+def _q(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small", large_id: str = "large",
+                      min_gain: float = 0.0) -> GateResult:
+    """Gate and Pareto-select `candidates` (every route to consider, both anchors included).
+
+    Walk the stitches by cost ascending, starting from the small anchor as the best route so far:
+      - not measured: dropped (`not_measured`); an unmeasured route cannot promise anything;
+      - quality <= the small anchor's: dropped (`below_small`); it costs more for no better answer;
+      - quality >= the large anchor's: dropped (`above_large`); it would make the large anchor a
+        worse buy than a cheaper route, so it cannot sit between the anchors (usually a noisy
+        validation split or an undertrained large anchor: the stitch is suspicious, not a win);
+      - quality <= best so far + min_gain: dropped (`dominated`, naming that cheaper route);
+      - else deployed, and it becomes the best so far.
+    Both anchors are always deployed: they bound every budget and serving needs them.
+    Ties in cost are walked best quality first, so of two equally cheap routes the worse one is
+    dominated by the other. Raises ValueError when an anchor is missing or unmeasured.
+    """
+    if not (min_gain >= 0 and math.isfinite(min_gain)):
+        raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain}")
+    rows = {r.id: r for r in candidates}
+    if len(rows) != len(candidates):
+        raise ValueError("candidate ids must be unique")
+    for role, aid in (("small", small_id), ("large", large_id)):
+        if aid not in rows:
+            raise ValueError(f"the {role} anchor {aid!r} is not among the candidates")
+        q = rows[aid].quality
+        if q is None or not math.isfinite(q):
+            raise ValueError(f"the {role} anchor {aid!r} has no measured quality: the gate needs both anchors' "
+                             "quality to place a stitch between them")
+    small = rows[small_id]
+    qs, ql = float(small.quality), float(rows[large_id].quality)  # checked above
+
+    def measured(r: GateRow) -> bool:
+        return r.quality is not None and math.isfinite(r.quality)
+
+    # The small anchor opens the walk whatever its cost (it is the floor every stitch must beat);
+    # unmeasured rows sort last within their cost so they never shadow a measured equal-cost one.
+    rest = sorted((r for r in candidates if r.id != small_id),
+                  key=lambda r: (r.cost, 0 if measured(r) else 1, -r.quality if measured(r) else 0.0, r.id))
+    decisions = [GateDecision(small.id, small.cost, qs, True, None, "small anchor: always deployed")]
+    best_id, best_q, best_cost = small.id, qs, small.cost  # the best deployed route so far
+    for r in rest:
+        if r.id == large_id:
+            decisions.append(GateDecision(r.id, r.cost, ql, True, None, "large anchor: always deployed"))
+            if ql > best_q:
+                best_id, best_q, best_cost = r.id, ql, r.cost
+            continue
+        if not measured(r):
+            decisions.append(GateDecision(r.id, r.cost, None, False, "not_measured",
+                                          "not measured on the validation split, so its quality is unknown"))
+            continue
+        q = float(r.quality)
+        if q <= qs:
+            decisions.append(GateDecision(r.id, r.cost, q, False, "below_small",
+                                          f"quality {_q(q)} is not above the small anchor's {_q(qs)} "
+                                          "(it costs more for no better answer)"))
+        elif q >= ql:
+            decisions.append(GateDecision(r.id, r.cost, q, False, "above_large",
+                                          f"quality {_q(q)} is not below the large anchor's {_q(ql)}, so it is not "
+                                          "between the anchors (suspicious: a noisy validation split or an "
+                                          "undertrained large anchor)"))
+        elif q <= best_q + min_gain:
+            gain = f" + min_gain {_q(min_gain)}" if min_gain else ""
+            decisions.append(GateDecision(r.id, r.cost, q, False, "dominated",
+                                          f"quality {_q(q)} is not above {best_id}'s {_q(best_q)}{gain}, and "
+                                          f"{best_id} costs no more ({_q(best_cost)} vs {_q(r.cost)} GFLOPs)",
+                                          dominated_by=best_id))
+        else:
+            decisions.append(GateDecision(r.id, r.cost, q, True, None,
+                                          f"quality {_q(q)} is between the anchors' ({_q(qs)} .. {_q(ql)}) and "
+                                          "above every cheaper deployed route"))
+            best_id, best_q, best_cost = r.id, q, r.cost
+    return GateResult(decisions, small_id, large_id, qs, ql, min_gain)

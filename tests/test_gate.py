@@ -1,0 +1,223 @@
+"""The deployment gate (stitchlib.gate): a stitch is deployed only strictly between the anchors and
+on the Pareto front of quality vs cost; the verdict round-trips through the manifest and shows in
+`stitchserve inspect`. Also: CLI output never crashes on optional fields being None."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from stitchlib.gate import DROP_REASONS, GateRow, select_deployment
+
+S, L = GateRow("small", 1.0, 2.0), GateRow("large", 10.0, 4.0)
+
+
+def verdict(rows, **kw):
+    res = select_deployment(rows, small_id="small", large_id="large", **kw)
+    return res, {d.id: (d.deployed, d.reason) for d in res.decisions}
+
+
+# ---- the gate, on hand-made rows -------------------------------------------------------------------
+def test_each_drop_reason_with_its_sentence():
+    rows = [L, GateRow("dom", 5.0, 2.5), GateRow("ok1", 3.0, 2.6), GateRow("low", 2.0, 1.0),
+            GateRow("high", 4.0, 4.5), GateRow("unm", 6.0, None), GateRow("ok2", 8.0, 3.5), S]
+    res, v = verdict(rows)
+    assert v == {"small": (True, None), "low": (False, "below_small"), "ok1": (True, None),
+                 "high": (False, "above_large"), "dom": (False, "dominated"), "unm": (False, "not_measured"),
+                 "ok2": (True, None), "large": (True, None)}
+    assert res.deployed_ids() == ["small", "ok1", "ok2", "large"]  # cheapest first
+    assert [d.id for d in res.decisions] == ["small", "low", "ok1", "high", "dom", "unm", "ok2", "large"]
+    assert res["dom"].dominated_by == "ok1" and "ok1" in res["dom"].message and "2.6" in res["dom"].message
+    assert "small anchor's 2" in res["low"].message
+    assert "not between the anchors" in res["high"].message and "large anchor's 4" in res["high"].message
+    assert "not measured" in res["unm"].message
+    assert {d.reason for d in res.dropped()} <= set(DROP_REASONS)
+    assert not res.anchors_inverted
+
+
+def test_ties_are_dropped_never_deployed():
+    rows = [S, L, GateRow("eq_small", 2.0, 2.0), GateRow("a", 3.0, 3.0), GateRow("eq_a", 4.0, 3.0),
+            GateRow("eq_large", 5.0, 4.0), GateRow("twin_worse", 6.0, 3.2), GateRow("twin_better", 6.0, 3.4)]
+    res, v = verdict(rows)
+    assert v["eq_small"] == (False, "below_small")
+    assert v["eq_large"] == (False, "above_large")
+    assert v["eq_a"] == (False, "dominated") and res["eq_a"].dominated_by == "a"
+    # equal cost: the better twin is deployed, the worse one is dominated by it (it costs no less)
+    assert v["twin_better"] == (True, None)
+    assert v["twin_worse"] == (False, "dominated") and res["twin_worse"].dominated_by == "twin_better"
+
+
+def test_min_gain_demands_a_margin_over_every_cheaper_route():
+    rows = [S, L, GateRow("a", 2.0, 2.05), GateRow("b", 3.0, 2.3), GateRow("c", 4.0, 2.35), GateRow("d", 5.0, 2.5)]
+    _, v0 = verdict(rows)
+    assert [k for k, (dep, _) in v0.items() if dep] == ["small", "a", "b", "c", "d", "large"]
+    res, v = verdict(rows, min_gain=0.1)
+    assert v["a"] == (False, "dominated") and res["a"].dominated_by == "small"  # 2.05 <= 2.0 + 0.1
+    assert v["b"] == (True, None)
+    assert v["c"] == (False, "dominated") and res["c"].dominated_by == "b"
+    assert v["d"] == (True, None)  # 2.5 > 2.3 + 0.1: measured against the best deployed, not the last seen
+    assert "min_gain 0.1" in res["c"].message
+    with pytest.raises(ValueError, match="min_gain"):
+        select_deployment(rows, min_gain=-0.1)
+
+
+def test_anchors_are_always_kept_even_when_nothing_fits_between_them():
+    bad = [GateRow("x", 2.0, 1.0), GateRow("y", 3.0, None)]
+    res, v = verdict([S, L, *bad])
+    assert res.deployed_ids() == ["small", "large"]
+    inverted = [GateRow("small", 1.0, 3.0), GateRow("large", 10.0, 2.0), GateRow("z", 5.0, 2.5)]
+    res, v = verdict(inverted)
+    assert res.deployed_ids() == ["small", "large"] and res.anchors_inverted
+    assert v["z"] == (False, "below_small")
+
+
+def test_anchor_problems_raise():
+    with pytest.raises(ValueError, match="large anchor 'large' is not among"):
+        select_deployment([S, GateRow("a", 2.0, 3.0)])
+    with pytest.raises(ValueError, match="small anchor 'small' has no measured quality"):
+        select_deployment([GateRow("small", 1.0, None), L])
+    with pytest.raises(ValueError, match="unique"):
+        select_deployment([S, L, GateRow("a", 2.0, 3.0), GateRow("a", 3.0, 3.1)])
+    # custom anchor ids
+    res = select_deployment([GateRow("S", 1, 0.1), GateRow("L", 9, 0.9), GateRow("m", 5, 0.5)], small_id="S",
+                            large_id="L")
+    assert res.deployed_ids() == ["S", "m", "L"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_deployment_is_monotone_and_order_independent(seed):
+    """Whatever the rows: deployed quality strictly increases with cost, every deployed stitch lies
+    strictly between the anchors, and every dominated stitch names a cheaper-or-equal deployed route
+    that is at least as good. Shuffling the input changes nothing."""
+    r = random.Random(seed)
+    rows = [GateRow("small", 1.0, 0.0), GateRow("large", 10.0, 1.0)]
+    rows += [GateRow(f"s{i}", round(r.uniform(1.0, 10.0), 1), None if r.random() < 0.1 else r.uniform(-0.3, 1.3))
+             for i in range(25)]
+    gain = r.choice([0.0, 0.02])
+    res = select_deployment(rows, min_gain=gain)
+    dep = [d for d in res.decisions if d.deployed]
+    assert dep[0].id == "small" and dep[-1].id == "large"
+    assert all(a.cost <= b.cost and a.quality < b.quality for a, b in zip(dep, dep[1:]))
+    assert all(0.0 < d.quality < 1.0 for d in dep[1:-1])
+    for d in res.dropped():
+        if d.reason == "dominated":
+            by = res[d.dominated_by]
+            assert by.deployed and by.cost <= d.cost and by.quality + gain >= d.quality
+    shuffled = rows[:]
+    r.shuffle(shuffled)
+    assert select_deployment(shuffled, min_gain=gain).decisions == res.decisions
+
+
+# ---- the manifest ------------------------------------------------------------------------------------
+def _gated_manifest(model):
+    from stitchlib.palette import apply_gate, build_manifest, gate_rows
+
+    # neg_loss by hand: small -3, large -1; s3-l5 below small, s2-l4 between, s2-l3 dominated by it,
+    # s1-l2 above large, s0-l1 not measured
+    q = {"small": -3.0, "s3-l5": -3.5, "s2-l4": -2.0, "s2-l3": -2.2, "s1-l2": -0.5, "large": -1.0}
+    m = build_manifest(model, name="gated", task="chat", quality_metric="neg_loss",
+                       metrics={k: {"neg_loss": v, "loss": -v} for k, v in q.items()})
+    res = select_deployment(gate_rows(m))
+    return apply_gate(m, res), res
+
+
+def test_gate_round_trips_through_the_manifest(tiny_model, tmp_path):
+    from stitchlib.palette import apply_gate, read_manifest, save_palette
+
+    model = tiny_model()
+    m, res = _gated_manifest(model)
+    assert [s.id for s in m.deployed()] == ["small", "s2-l4", "large"]
+    by = {s.id: s for s in m.stitches}
+    assert (by["s3-l5"].dropped, by["s2-l3"].dropped, by["s1-l2"].dropped, by["s0-l1"].dropped) == \
+        ("below_small", "dominated", "above_large", "not_measured")
+    assert "s2-l4" in by["s2-l3"].dropped_reason and by["s2-l4"].dropped is None
+    out = save_palette(tmp_path / "p", m, model.palette_state_dict())
+    m2 = read_manifest(out)
+    assert m2.model_dump(exclude={"files"}) == m.model_dump(exclude={"files"})
+    # rows the gate did not see: unchanged, or marked with the caller's reason
+    partial = res.__class__([d for d in res.decisions if d.id != "s0-l1"], "small", "large", -3.0, -1.0)
+    fresh = _gated_manifest(model)[0].model_copy()
+    assert {s.id: s.deployed for s in apply_gate(fresh, partial).stitches}["s0-l1"] is False  # as it was
+    marked = apply_gate(fresh, partial, unlisted=("not_selected", "not picked"))
+    assert next(s for s in marked.stitches if s.id == "s0-l1").dropped == "not_selected"
+
+
+def test_manifests_written_before_the_gate_still_load(tiny_model, tmp_path):
+    from stitchlib.palette import FORMAT_VERSION, build_manifest, read_manifest, save_palette
+
+    model = tiny_model()
+    out = save_palette(tmp_path / "old", build_manifest(model, name="old", task="chat"), model.palette_state_dict())
+    raw = json.loads((out / "manifest.json").read_text())
+    for row in raw["stitches"]:
+        del row["dropped"], row["dropped_reason"]
+    (out / "manifest.json").write_text(json.dumps(raw))
+    m = read_manifest(out)
+    assert m.format_version == FORMAT_VERSION == 1
+    assert all(s.dropped is None and s.dropped_reason is None for s in m.stitches)
+
+
+# ---- CLI output: dropped stitches shown, optional fields never crash -----------------------------------
+def test_inspect_shows_quality_and_why_stitches_were_dropped(tiny_model, tmp_path, capsys):
+    from stitchlib.cli import main
+    from stitchlib.palette import save_palette
+
+    model = tiny_model()
+    m, _ = _gated_manifest(model)
+    out = save_palette(tmp_path / "p", m, model.palette_state_dict())
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "7 stitches (3 deployed)" in text and "quality metric: neg_loss (higher is better)" in text
+    head, section = text.split("not deployed (4):")
+    table = {ln[2:].split()[0]: ln for ln in head.splitlines() if ln[:1] in ("*", " ")}
+    # mark, id, GFLOPs, quality (neg_loss), score, metrics
+    assert table["s2-l4"].startswith("*") and table["s2-l4"][2:].split()[2] == "-2"  # quality next to cost
+    assert table["s0-l1"][2:].split()[1:4] == [f"{m.stitches[5].gflops:.3f}", "-", "-"]  # cost known, quality not
+    assert not table["s2-l3"].startswith("*")
+    for sid, code in (("s3-l5", "below_small"), ("s2-l3", "dominated"), ("s1-l2", "above_large"),
+                      ("s0-l1", "not_measured")):
+        line = next(ln for ln in section.splitlines() if ln.split()[:1] == [sid])
+        assert code in line
+    assert "costs no more" in section
+
+
+def test_inspect_survives_missing_optional_fields(tiny_model, tmp_path, capsys):
+    """No quality metric, no metrics, no scores, not deployed without a reason (old manifests)."""
+    from stitchlib.cli import main
+    from stitchlib.palette import build_manifest, save_palette
+
+    model = tiny_model()
+    m = build_manifest(model, name="bare", task="chat", deployed={"small", "large"})
+    out = save_palette(tmp_path / "bare", m, model.palette_state_dict())
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "quality metric: none recorded" in text and "no reason recorded" in text
+    m2 = build_manifest(model, name="half", task="chat", quality_metric="neg_loss",
+                        metrics={"small": {"neg_loss": -1.0}}, scores={"s2-l3": 0.5})
+    assert main(["inspect", str(save_palette(tmp_path / "half", m2, model.palette_state_dict()))]) == 0
+
+
+def test_init_palette_command_lists_dropped_stitches(tiny_model, tmp_path, capsys, monkeypatch):
+    """The init-palette command reports what the written palette deploys (whatever init_palette gated)."""
+    import stitchlib.palette as P
+    from stitchlib.cli import main
+
+    model = tiny_model()
+
+    def fake_init(out, **kw):
+        return P.save_palette(out, _gated_manifest(model)[0], model.palette_state_dict())
+
+    monkeypatch.setattr(P, "init_palette", fake_init)
+    assert main(["init-palette", "--small", "tiny-small", "--large", "tiny-large", "--out",
+                 str(tmp_path / "p")]) == 0
+    text = capsys.readouterr().out
+    assert "(7 stitches, 3 deployed)" in text and "not deployed (4):" in text and "above_large" in text
+
+
+def test_quickstart_formatting_tolerates_missing_figures():
+    from serving.quickstart import _budgets, _fmt
+
+    assert _fmt(None, ".1f") == "-" and _fmt("12.5", ".1f") == "12.5" and _fmt(1234, ",.0f") == "1,234"
+    full = [{"latency_ms": 20.0, "gflops": 1.0}, {"latency_ms": 40.0, "gflops": 2.0}]
+    assert _budgets(full) == [None, "40%", "1GFLOPs", "40ms/token", "10ms/token"]
+    assert _budgets([{"latency_ms": None, "gflops": None}]) == [None, "40%"]
