@@ -122,7 +122,7 @@ def start_local(config: Path, num_cpus: int, port: int | None) -> tuple[str, str
             from stitchlib.palette import init_palette
 
             print(f"loadgen: building tiny palette {p.path}", flush=True)
-            init_palette(p.path, task=p.task or "chat", progress=False)
+            init_palette(p.path, task=p.task or "chat", progress=False, n_validation=0)
     http = dict(doc.get("http_options") or {})
     if port is not None:
         http["port"] = port

@@ -33,7 +33,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--small", default=DEFAULT_SMALL)
     p.add_argument("--large", default=DEFAULT_LARGE)
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--calibration", type=int, default=32, help="calibration sequences for the stitching layers")
+    p.add_argument("--calibration", type=int, default=100, help="chat examples fitting the stitching layers")
+    p.add_argument("--validation", type=int, default=40,
+                   help="held-out chat examples measuring every route (the deployment gate)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end")
@@ -59,20 +61,36 @@ def _anchors(small: str, large: str) -> tuple[str, str]:
         return "tiny-small", "tiny-large"
 
 
-def _palette(small: str, large: str, n_calibration: int) -> Path:
+def _palette(small: str, large: str, n_calibration: int, n_validation: int) -> Path:
+    from stitchlib.errors import PaletteError
     from stitchlib.hub import cache_root
     from stitchlib.palette import init_palette, read_manifest
 
-    out = cache_root() / "palettes" / f"{small}--{large}--chat-ls"
+    out = cache_root() / "palettes" / f"{small}--{large}--chat-gated"
     if (out / "manifest.json").is_file():
-        read_manifest(out)  # validated; a damaged one is rebuilt below
-        _say(f"palette (cached): {out}")
-        return out
-    _say(f"building a least-squares-only palette from {n_calibration} calibration sequences -> {out}")
+        try:
+            if read_manifest(out).quality_metric or not n_validation:  # validated; else rebuilt below
+                _say(f"palette (cached): {out}")
+                return out
+        except PaletteError as e:
+            _say(f"cached palette unusable ({e}); rebuilding")
+    _say(f"building a least-squares-only palette: stitching layers fitted on {n_calibration} chat examples, "
+         f"every route measured on {n_validation} held-out ones, only stitches that earn their cost deployed "
+         f"-> {out}")
     t0 = time.time()
-    init_palette(out, small=small, large=large, task="chat", n_calibration=n_calibration, overwrite=True)
-    _say(f"palette written in {time.time() - t0:.0f} s")
+    init_palette(out, small=small, large=large, task="chat", n_calibration=n_calibration,
+                 n_validation=n_validation, overwrite=True)
+    m = read_manifest(out)
+    _say(f"palette written in {time.time() - t0:.0f} s: {len(m.deployed())} of {len(m.stitches)} routes deployed "
+         f"(`stitchserve inspect {out}` says why each other one was dropped)")
     return out
+
+
+def _nll_by_stitch(palette: Path) -> dict[str, float]:
+    from stitchlib.palette import read_manifest
+
+    m = read_manifest(palette)
+    return {s.id: -s.metrics["neg_loss"] for s in m.stitches if m.quality_metric == "neg_loss" and "neg_loss" in s.metrics}
 
 
 def _wait_ready(client, proc: subprocess.Popen, timeout: float) -> None:
@@ -115,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.time()
     small, large = _anchors(args.small, args.large)
-    palette = _palette(small, large, args.calibration)
+    palette = _palette(small, large, args.calibration, args.validation)
     import yaml
 
     from stitchlib.hub import cache_root
@@ -139,10 +157,14 @@ def run(args: argparse.Namespace) -> int:
         _say(f"serving {time.time() - t_start:.0f} s after start")
         stitches = client.get("/v1/stitches").json()["data"]
         model = stitches[0]["model"]
-        print(f"\n{'stitch':<10} {'params':>14} {'GFLOPs':>8} {'ms/token (measured)':>20}")
+        # quality is the palette's measured neg_loss: print it as the held-out response NLL
+        nll = _nll_by_stitch(palette)
+        print(f"\n{'stitch':<10} {'params':>14} {'GFLOPs':>8} {'ms/token (measured)':>20} {'held-out NLL':>13}")
         for s in stitches:
             print(f"{s['id']:<10} {_fmt(s.get('params'), ',.0f'):>14} {_fmt(s.get('gflops'), '.3f'):>8} "
-                  f"{_fmt(s.get('latency_ms'), '.1f'):>20}")
+                  f"{_fmt(s.get('latency_ms'), '.1f'):>20} {_fmt(nll.get(s['id']), '.3f'):>13}")
+        print("(held-out NLL: response tokens of chat examples the palette never calibrated on, lower is better; "
+              "a larger budget buys a lower one. Train the palette for more: stitchserve adapt)")
         print(f"\n{'X-Compute-Budget':<22} {'stitch':<10} {'met':<6} {'est ms/tok':>10} {'took s':>7}  reply")
         for budget in _budgets(stitches):
             headers = {"X-Compute-Budget": budget} if budget else {}

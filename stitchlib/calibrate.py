@@ -13,10 +13,14 @@ computed in float32 (10x faster on CPU than float64; ~1e3 tokens per sum keeps t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
 from .model import StitchedLM, causal_mask, positions
+
+
+Weighting = Literal["none", "relative"]
 
 
 def fit_affine(gram: torch.Tensor, cross: torch.Tensor, rcond: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,26 +36,44 @@ def least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def calibrate_(model: StitchedLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-               progress: bool = True, total: int | None = None) -> dict[str, float]:
-    """Fit every stitching layer of `model` in place from (input_ids [B, T], attention_mask [B, T])
-    batches. Returns each stitch's relative residual ||XA - Y|| / ||Y|| on the calibration tokens."""
+def calibrate_(model: StitchedLM, batches: Iterable[tuple[torch.Tensor, ...]], *,
+               progress: bool = True, total: int | None = None, weighting: Weighting = "none",
+               skip_first: bool = False) -> dict[str, float]:
+    """Fit every stitching layer of `model` in place from (input_ids [B, T], attention_mask [B, T], ...)
+    batches. Returns each stitch's relative residual ||XA - Y|| / ||Y|| on the calibration tokens
+    (weighted like the fit).
+
+    weighting="relative" weights token t by 1 / mean(y_t^2): the large block after the join reads
+    RMSNorm(y), so what matters is each token's error relative to its own scale. Plain least squares
+    instead spends its fit on the few tokens whose hidden state is hundreds of times larger than the
+    rest (the attention-sink position and delimiter tokens carry the large model's massive
+    activations), leaving the ordinary tokens the answer is made of poorly fitted. The Gram matrix then
+    depends on the join, so it is kept per stitch rather than per split.
+    skip_first leaves position 0 (the sink) out of the fit entirely (a diagnostic variant)."""
     from tqdm.auto import tqdm
 
+    if weighting not in ("none", "relative"):
+        raise ValueError(f"weighting must be 'none' or 'relative', got {weighting!r}")
     stitches = [s for s in model.stitches if s.kind == "stitch"]
     splits = sorted({s.split for s in stitches})
     joins = sorted({s.join for s in stitches})
     dS = model.d_small
-    gram = {j: torch.zeros(dS + 1, dS + 1, dtype=torch.float64) for j in splits}
+    per_stitch = weighting != "none"
+    gram = {key: torch.zeros(dS + 1, dS + 1, dtype=torch.float64)
+            for key in ([s.id for s in stitches] if per_stitch else splits)}
     cross = {s.id: torch.zeros(dS + 1, model.d_large, dtype=torch.float64) for s in stitches}
     yy = {s.id: 0.0 for s in stitches}
     keep_x, keep_y = set(splits), set(joins)
     n_tokens = 0
     S, L = model.S, model.L
-    for ids, attn in tqdm(batches, total=total, desc="calibrating stitching layers", disable=not progress,
-                          unit="batch"):
+    for batch in tqdm(batches, total=total, desc="calibrating stitching layers", disable=not progress,
+                      unit="batch"):
+        ids, attn = batch[0], batch[1]
         mask, pos = causal_mask(attn, ids.shape[1]), positions(attn, ids.shape[1])
-        real = attn.bool().reshape(-1)
+        real = attn.bool()
+        if skip_first:
+            real = real & (pos > 0)
+        real = real.reshape(-1)
         model.route.slots = None
         xs: dict[int, torch.Tensor] = {}
         h = S.anchor.embed(ids)
@@ -69,21 +91,30 @@ def calibrate_(model: StitchedLM, batches: Iterable[tuple[torch.Tensor, torch.Te
                 ys[i] = h.reshape(-1, model.d_large)[real].float()
             if i < max(joins):
                 h = L.anchor.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-        for j in splits:
-            gram[j] += (xs[j].T @ xs[j]).double().cpu()
-        for s in stitches:
-            cross[s.id] += (xs[s.split].T @ ys[s.join]).double().cpu()
-            yy[s.id] += float((ys[s.join].double() ** 2).sum())
+        if per_stitch:
+            weights = {k: 1.0 / ys[k].pow(2).mean(-1, keepdim=True).clamp_min(1e-12) for k in joins}  # [N, 1]
+            for s in stitches:
+                xw = xs[s.split] * weights[s.join]
+                gram[s.id] += (xw.T @ xs[s.split]).double().cpu()
+                cross[s.id] += (xw.T @ ys[s.join]).double().cpu()
+                yy[s.id] += float((ys[s.join].double() ** 2 * weights[s.join].double()).sum())
+        else:
+            for j in splits:
+                gram[j] += (xs[j].T @ xs[j]).double().cpu()
+            for s in stitches:
+                cross[s.id] += (xs[s.split].T @ ys[s.join]).double().cpu()
+                yy[s.id] += float((ys[s.join].double() ** 2).sum())
         n_tokens += int(real.sum())
     if n_tokens == 0:
         raise ValueError("calibration saw no real tokens")
     residual = {}
     for s in stitches:
-        w, b = fit_affine(gram[s.split], cross[s.id])
+        g = gram[s.id if per_stitch else s.split]
+        w, b = fit_affine(g, cross[s.id])
         model.stitching[s.id].set_affine(w, b)
         a = torch.cat([w.T, b[None]], 0)  # [dS+1, dL]
         # ||XA - Y||^2 = tr(A^T G A) - 2 tr(A^T C) + ||Y||^2, all from the streamed statistics
-        err = float((a * (gram[s.split] @ a)).sum() - 2 * (a * cross[s.id]).sum() + yy[s.id])
+        err = float((a * (g @ a)).sum() - 2 * (a * cross[s.id]).sum() + yy[s.id])
         residual[s.id] = (max(err, 0.0) / max(yy[s.id], 1e-30)) ** 0.5
     return residual
 
@@ -121,3 +152,72 @@ def default_calibration_texts(n: int = 100) -> list[str]:
             seen.add(t.split(":", 1)[1])
             out.append(t)
     return out[:n]
+
+
+def distill_stitching_(model: StitchedLM, batches: list[tuple[torch.Tensor, torch.Tensor]], stitch_ids: list[str],
+                       *, steps: int = 20, lr: float = 1e-3, top_k: int = 64, progress: bool = True,
+                       ) -> dict[str, dict[str, float]]:
+    """Output-aware refinement of least-squares stitching layers: train each stitching layer ALONE
+    (weight and bias; anchors frozen) to match the large anchor's next-token distribution over every
+    real token of `batches`, KL(large || stitch) on the teacher's top-k tokens.
+
+    Least squares matches the large model's hidden state at the join, token by token, in a metric that
+    ignores what the rest of the large model does with the error; this step measures the error where it
+    matters, at the output. It costs a forward and a backward of the stitch's large tail per step, so
+    it is meant for a handful of candidate stitches, not the whole palette. Returns each stitch's KL
+    before and after (on the same batches). Teacher targets are computed once and kept sparse."""
+    from tqdm.auto import tqdm
+
+    S, L = model.S, model.L
+    dS, dL = model.small_anchor.stats.num_layers, model.large_anchor.stats.num_layers
+    stitches = [model.get(i) for i in stitch_ids]
+    splits = {s.split for s in stitches}
+    prepared = []
+    with torch.no_grad():
+        model.route.slots = None
+        for ids, attn in batches:
+            T = ids.shape[1]
+            mask, pos = causal_mask(attn, T), positions(attn, T)
+            real = attn.bool()
+            h = S.anchor.embed(ids)
+            pe = S.rope(h, pos)
+            xs = {}
+            for i in range(max(splits) + 1):
+                h = S.anchor.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                if i in splits:
+                    xs[i] = h
+            t = model(ids, "large", attn, return_hidden=True)[real]  # [N, dL], normed
+            logp = torch.log_softmax(model.large_anchor.lm_head(t).float(), -1)
+            top = logp.topk(top_k, dim=-1)
+            p = top.values.exp()
+            prepared.append((mask, pos, real, xs, top.indices, p / p.sum(-1, keepdim=True)))
+
+    def kl(st, w, b, item) -> torch.Tensor:
+        mask, pos, real, xs, idx, p = item
+        h = torch.nn.functional.linear(xs[st.split].float(), w, b).to(xs[st.split].dtype)
+        h = L.run(h, st.large_blocks(dL), mask=mask, position_ids=pos, cache=None)
+        logq = torch.log_softmax(model.large_anchor.lm_head(model.large_anchor.norm(h[real])).float(), -1)
+        return (p * (p.clamp_min(1e-12).log() - logq.gather(-1, idx))).sum(-1).mean()
+
+    report = {}
+    bar = tqdm(total=len(stitches) * steps, desc="distilling stitching layers", unit="step", disable=not progress)
+    for st in stitches:
+        layer = model.stitching[st.id]
+        w = layer.weight.detach().float().clone().requires_grad_(True)
+        b = layer.bias.detach().float().clone().requires_grad_(True)
+        with torch.no_grad():
+            before = sum(float(kl(st, w, b, it)) for it in prepared) / len(prepared)
+        opt = torch.optim.Adam([w, b], lr=lr)
+        for step in range(steps):
+            loss = kl(st, w, b, prepared[step % len(prepared)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+        with torch.no_grad():
+            after = sum(float(kl(st, w, b, it)) for it in prepared) / len(prepared)
+        if after < before:  # never leave a stitch worse than least squares did
+            layer.set_affine(w.detach(), b.detach())
+        report[st.id] = {"kl_before": before, "kl_after": after, "kept": after < before}
+    bar.close()
+    return report

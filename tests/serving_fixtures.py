@@ -42,7 +42,7 @@ _SERVED: Served | None = None
 def make_palettes(root: Path) -> dict[str, Path]:
     from stitchlib.palette import init_palette
 
-    kw = dict(n_calibration=8, max_len=32, progress=False, overwrite=True)
+    kw = dict(n_calibration=8, max_len=32, progress=False, overwrite=True, n_validation=0)  # deploy every stitch
     return {
         "tinychat": init_palette(root / "tinychat", task="chat", **kw),
         "tinycls": init_palette(root / "tinycls", task="classify", labels=["business", "sport", "tech"], **kw),

@@ -35,7 +35,7 @@ def test_stitches_table_and_errors():
 def test_init_palette_and_inspect(tmp_path):
     out = tmp_path / "pal"
     r = run("init-palette", "--small", "tiny-small", "--large", "tiny-large", "--out", str(out),
-            "--calibration", "8")
+            "--calibration", "8", "--validation", "0")
     assert r.returncode == 0, r.stderr
     r = run("inspect", str(out))
     assert r.returncode == 0 and "7 stitches (7 deployed)" in r.stdout

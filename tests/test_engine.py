@@ -342,7 +342,7 @@ def test_runtime_accepts_only_a_profile_table_measured_for_it(tmp_path):
     from stitchlib.palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
-    pal = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32")
+    pal = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32", n_validation=0)
     table = tmp_path / "t.json"
     assert main(["profile", str(pal), "--out", str(table), "--dtype", "float32", "--prompt-len", "6",
                  "--decode-steps", "2", "--batch-sizes", "1", "2", "--json"]) == 0
@@ -377,7 +377,7 @@ def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
     from stitchlib.palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
-    p = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32")
+    p = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32", n_validation=0)
     rt = PaletteRuntime.load(p, dtype="float32")
     ids = [5, 6, 7, 8]
     gen = rt.generate_steps([ids, ids[:2]], "s1-l2", [_greedy(6), _greedy(6)])
@@ -405,7 +405,7 @@ def test_runtime_generate_steps_aborts_one_row_and_frees_its_slot(tmp_path):
     from stitchlib.palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
-    rt = PaletteRuntime.load(init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32"),
+    rt = PaletteRuntime.load(init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32", n_validation=0),
                              dtype="float32")
     a, b = [5, 6, 7, 8], [9, 10, 11]
     alone = [s[0] for s in rt.generate_steps([a], "s2-l4", [_greedy(8)])]

@@ -14,7 +14,8 @@ from stitchlib.runtime import PaletteRuntime, SamplingParams
 
 @pytest.fixture(scope="module")
 def chat_palette(tmp_path_factory):
-    return init_palette(tmp_path_factory.mktemp("pal") / "tiny-chat", n_calibration=16, progress=False)
+    return init_palette(tmp_path_factory.mktemp("pal") / "tiny-chat", n_calibration=16, progress=False,
+                        n_validation=0)
 
 
 def _trained_like(model, seed=3):

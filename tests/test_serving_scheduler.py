@@ -20,7 +20,7 @@ def runtime(tmp_path_factory):
     from stitchlib.runtime import PaletteRuntime
 
     path = init_palette(tmp_path_factory.mktemp("sched") / "chat", task="chat", n_calibration=8, max_len=32,
-                        progress=False)
+                        progress=False, n_validation=0)
     return PaletteRuntime.load(path, dtype="bfloat16")  # the serving dtype
 
 

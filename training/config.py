@@ -34,7 +34,8 @@ class TrainConfig(BaseModel):
     large: str = Field("qwen2.5-coder-1.5b", description="large anchor (the teacher): same kinds of source")
     task: Literal["chat", "classify"] = Field("chat", description="chat: next-token loss on the response; "
                                               "classify: a class head on the last real token")
-    data: str = Field(..., description="a .json/.jsonl file, or a built-in set (chat: pydocs, classify: bbcnews)")
+    data: str = Field(..., description="a .json/.jsonl file, or a built-in set (chat: pydocs, bbcheadlines; "
+                                       "classify: bbcnews); chat takes several, comma-separated, mixed evenly")
     out: str = Field(..., description="palette directory to write (must not exist unless --overwrite)")
     name: str | None = Field(None, description="palette name (default: the --out directory's name)")
 
@@ -44,6 +45,10 @@ class TrainConfig(BaseModel):
     max_train_examples: int | None = Field(None, ge=1, description="use a seeded random subset of the "
                                            "training split (benchmarks on a small budget)")
     calib_size: int = Field(100, ge=1, description="training sequences for the least-squares calibration")
+    calib_weighting: Literal["relative", "none"] = Field(
+        "relative", description="least-squares token weighting: relative = error relative to each token's own "
+                                "scale (what the large block reads after its norm; benchmarks/CHAT_INIT.md), "
+                                "none = plain least squares")
     calibration_from: str | None = Field(None, description="take the least-squares stitching layers from this "
                                          "palette (same anchors; e.g. `stitchserve init-palette` output) instead "
                                          "of calibrating")

@@ -35,7 +35,10 @@ def load_examples(cfg: TrainConfig) -> Examples:
     """Rows of `cfg.data` split into train / validation (`eval_size` held out)."""
     if cfg.task == "classify":
         rows, labels = D.load_classify(cfg.data)
-    else:
+    else:  # several chat sources: each split on its own, so every one is represented in validation
+        sources = [x.strip() for x in cfg.data.split(",") if x.strip()]
+        if len(sources) > 1:
+            return _mixed_chat(cfg, sources)
         rows, labels = D.load_chat(cfg.data), None
     if len(rows) < 2:
         raise DataError(f"{cfg.data}: {len(rows)} example(s); need at least 2 (train and validation)")
@@ -46,6 +49,24 @@ def load_examples(cfg: TrainConfig) -> Examples:
                                                                              cfg.max_train_examples))
         train = [train[i] for i in keep]
     return Examples(train=train, val=val, labels=labels)
+
+
+def _mixed_chat(cfg: TrainConfig, sources: list[str]) -> Examples:
+    """Chat sources mixed evenly: validation takes eval_size // n from each, training interleaves the
+    sources' rows (each capped at the smallest source's train size, so no source dominates)."""
+    parts = []
+    for i, src in enumerate(sources):
+        rows = D.load_chat(src)
+        want = cfg.eval_size // len(sources) + (1 if i < cfg.eval_size % len(sources) else 0)
+        parts.append(D.split(rows, val_size=min(want, len(rows) - 1), seed=cfg.seed, source=src))
+    n = min(len(tr) for tr, _ in parts)
+    train = [tr[j] for j in range(n) for tr, _ in parts]  # interleaved: a b a b ...
+    val = [v for _, va in parts for v in va]
+    if cfg.max_train_examples is not None and cfg.max_train_examples < len(train):
+        keep = sorted(random.Random(f"stitchserve-subset:{cfg.seed}").sample(range(len(train)),
+                                                                             cfg.max_train_examples))
+        train = [train[i] for i in keep]
+    return Examples(train=train, val=val, labels=None)
 
 
 def encode(cfg: TrainConfig, ex: Examples, tokenizer) -> Encoded:

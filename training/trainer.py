@@ -218,7 +218,8 @@ class Trainer:
                                       None if self.saved_step is None else str(self.cfg.checkpoint_path))
                 yield ids.to(self.device), mask.to(self.device)
 
-        self.calibration = calibrate_(self.model, guarded(), progress=self.cfg.progress, total=len(batches))
+        self.calibration = calibrate_(self.model, guarded(), progress=self.cfg.progress, total=len(batches),
+                                      weighting=self.cfg.calib_weighting)
         self.calibrated = True
         self.timings["calibration_s"] = time.perf_counter() - t0
         log.info("calibrated %d stitching layers on %d sequences in %.1f s (median residual %.3f)",
@@ -457,6 +458,19 @@ def evaluate(model: StitchedLM, cfg: TrainConfig, enc: task_data.Encoded, *, sti
     batches = [task_data.to_device(b, device) for b in task_data.eval_batches(cfg, enc)]
     out: dict[str, dict[str, float]] = {}
     todo = model.stitches if stitch_ids is None else [model.get(i) for i in stitch_ids]
+    if cfg.task == "chat":  # stitchlib.quality shares the small prefix and skips the prompt's LM head
+        from stitchlib.quality import route_nll
+
+        chat = [(b["input_ids"], b["attention_mask"], b["labels"]) for b in batches]
+        for i in tqdm(range(0, len(todo), 4), desc="evaluating stitches", unit="4 stitches", disable=not progress):
+            before_stitch()  # stop checks between groups of 4 routes
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                res = route_nll(model, chat, [s.id for s in todo[i:i + 4]])
+            for sid, r in res.items():
+                out[sid] = {k: v for k, v in r.metrics().items() if k != "eval_tokens"}
+                if not progress:
+                    log.info("evaluated %s: %s", sid, ", ".join(f"{k} {v:.4f}" for k, v in out[sid].items()))
+        return out
     for st in tqdm(todo, desc="evaluating stitches", unit="stitch", disable=not progress):
         before_stitch()
         loss_sum, n, correct = 0.0, 0, 0

@@ -1,0 +1,147 @@
+"""Per-stitch quality on held-out chat data: response-token NLL of every route, fast enough to gate a
+whole palette on a CPU.
+
+A palette's promise is "more budget, better answer", so every stitch is measured before it is
+deployed (`stitchlib.gate`). Measuring 29 routes one full forward at a time costs 29 passes; here one
+batch costs one pass of each anchor plus, per stitch, only its large tail:
+
+- with no stitch-specific biases on the small blocks (an untrained or LoRA-only palette), every
+  stitch with split j starts from the same small hidden state, so the small anchor runs once and its
+  block outputs are kept;
+- the LM head (151,936 x 1,536 on the Qwen pair, a third of a 0.5B model's weights) runs only on the
+  positions that carry a label (the response), not on the prompt.
+
+With trained small-block SSBs the prefix differs per stitch and each route runs whole (same numbers,
+slower). Both paths give exactly what `StitchedLM.forward` gives (tested).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .model import StitchedLM, causal_mask, positions
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [B, T], attention_mask [B, T], labels [B, T]
+
+
+@dataclass
+class RouteNLL:
+    """Token-summed negative log-likelihood of one route; `loss` is the per-token mean. `per_example`
+    keeps each example's (nll sum, tokens), in batch order, for paired comparisons between routes."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    per_example: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    def samples(self) -> list[float]:
+        """Per-example quality on the neg_loss scale: mean(samples) == -loss exactly (each example's
+        NLL sum scaled by examples/tokens), so the paired differences of two routes' samples give the
+        standard error of the difference of their token-weighted losses."""
+        n = len(self.per_example)
+        return [-nll * n / max(self.tokens, 1) for nll, _ in self.per_example]
+
+    def metrics(self) -> dict[str, float]:
+        return {"loss": self.loss, "neg_loss": -self.loss, "perplexity": math.exp(min(self.loss, 50.0)),
+                "eval_tokens": float(self.tokens)}
+
+
+def _small_prefix_shared(model: StitchedLM) -> bool:
+    """True when no stitch has its own bias on a small block, so all routes share the small prefix."""
+    return all(m.ssb is None or not bool(m.ssb.detach().abs().amax() > 0) for m in model.pst_small)
+
+
+def _row_nll(logits: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
+    """logits [N, V], tgt [N], rows [N] (batch row of each position) -> NLL summed per row [B]."""
+    per_tok = F.cross_entropy(logits.float(), tgt, reduction="none")
+    return torch.zeros(B, dtype=torch.float64).index_add_(0, rows.cpu(), per_tok.double().cpu())
+
+
+def _head_nll(model: StitchedLM, h: torch.Tensor, anchor: str, sel: torch.Tensor, tgt: torch.Tensor,
+              rows: torch.Tensor) -> torch.Tensor:
+    """h: [B, T, d] last hidden (before the final norm); sel: [B, T-1] positions with a label."""
+    a = model.small_anchor if anchor == "small" else model.large_anchor
+    hs = a.norm(h[:, :-1][sel])  # [N, d]
+    return _row_nll(a.lm_head(hs), tgt, rows, h.shape[0])
+
+
+@torch.no_grad()
+def route_nll(model: StitchedLM, batches: Iterable[Batch], stitch_ids: Sequence[str] | None = None, *,
+              progress: bool = False) -> dict[str, RouteNLL]:
+    """Response NLL of every route in `stitch_ids` (default: all) over `batches`. Labels use -100 on
+    positions without a target (prompt, padding), HF style: position t predicts labels[t + 1]."""
+    from tqdm.auto import tqdm
+
+    todo = [model.get(i) for i in (stitch_ids or [s.id for s in model.stitches])]
+    out = {s.id: RouteNLL() for s in todo}
+    shared = _small_prefix_shared(model)
+    splits = {s.split for s in todo if s.kind == "stitch"}
+    S, L = model.S, model.L
+    dS, dL = model.small_anchor.stats.num_layers, model.large_anchor.stats.num_layers
+    batches = list(batches)
+    bar = tqdm(total=len(batches) * len(todo), desc="measuring stitch quality", unit="route", disable=not progress)
+    try:
+        for ids, attn, labels in batches:
+            tgt_all = labels[:, 1:]
+            sel = tgt_all != -100  # [B, T-1]
+            if not bool(sel.any()):
+                bar.update(len(todo))
+                continue
+            tgt = tgt_all[sel]
+            rows = sel.nonzero()[:, 0]  # [N] batch row of each labelled position
+            row_tokens = sel.sum(1).tolist()
+            T = ids.shape[1]
+            mask, pos = causal_mask(attn, T), positions(attn, T)
+            small_out: dict[int, torch.Tensor] = {}
+            if shared and (splits or any(s.kind == "small" for s in todo)):
+                model.route.slots = None
+                h = S.anchor.embed(ids)  # [B, T, dS]
+                pe = S.rope(h, pos)
+                last = dS - 1 if any(s.kind == "small" for s in todo) else max(splits)
+                for i in range(last + 1):
+                    h = S.anchor.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                    if i in splits or i == dS - 1:
+                        small_out[i] = h
+            for st in todo:
+                model.route.slots = model.slot[st.id]
+                if not shared or st.kind == "large":
+                    h = model(ids, st, attn, return_hidden=True)  # already normed
+                    a = model.small_anchor if st.kind == "small" else model.large_anchor
+                    nll = _row_nll(a.lm_head(h[:, :-1][sel]), tgt, rows, ids.shape[0])
+                elif st.kind == "small":
+                    nll = _head_nll(model, small_out[dS - 1], "small", sel, tgt, rows)
+                else:
+                    h = model.stitching[st.id](small_out[st.split])  # [B, T, dL]
+                    h = L.run(h, st.large_blocks(dL), mask=mask, position_ids=pos, cache=None)
+                    nll = _head_nll(model, h, "large", sel, tgt, rows)
+                r = out[st.id]
+                r.nll += float(nll.sum())
+                r.tokens += sum(row_tokens)
+                r.per_example += [(float(x), k) for x, k in zip(nll.tolist(), row_tokens) if k]
+                bar.update(1)
+    finally:
+        model.route.slots = None
+        bar.close()
+    return out
+
+
+def chat_eval_batches(tokenizer, examples, *, max_len: int = 160, batch_size: int = 8,
+                      device: str | torch.device = "cpu") -> list[Batch]:
+    """Chat examples rendered exactly as training and serving render them (the tokenizer's chat
+    template), labels on the response only, right-padded batches sorted by length (less padding)."""
+    from . import data as D
+
+    recs = sorted(D.encode_chat(examples, tokenizer, max_len), key=lambda r: len(r["input_ids"]))
+    pad = D.pad_token_id(tokenizer)
+    out = []
+    for i in range(0, len(recs), batch_size):
+        b = D.collate(recs[i:i + batch_size], pad)
+        out.append((b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device)))
+    return out
