@@ -33,7 +33,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--small", default=DEFAULT_SMALL)
     p.add_argument("--large", default=DEFAULT_LARGE)
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--calibration", type=int, default=100, help="chat examples fitting the stitching layers")
+    p.add_argument("--calibration", type=int, default=400, help="chat examples fitting the stitching layers")
     p.add_argument("--validation", type=int, default=40,
                    help="held-out chat examples measuring every route (the deployment gate)")
     p.add_argument("--max-tokens", type=int, default=24)

@@ -59,7 +59,7 @@ def _cmd_init_palette(args: argparse.Namespace) -> int:
     out = init_palette(args.out, small=args.small, large=args.large, task=args.task, labels=labels,
                        seed=args.seed, n_calibration=args.calibration, dtype=args.dtype, overwrite=args.overwrite,
                        chat_data=data, weighting=args.weighting, n_validation=args.validation,
-                       min_gain=args.min_gain, confidence=args.confidence)
+                       min_gain=args.min_gain, confidence=args.confidence, distill_steps=args.distill_steps)
     from .palette import read_manifest
 
     m = read_manifest(out)
@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", choices=["chat", "classify"], default="chat")
     s.add_argument("--labels", help="comma-separated labels (classify)")
     s.add_argument("--out", required=True, help="palette directory to create")
-    s.add_argument("--calibration", type=int, default=100, help="number of calibration sequences")
+    s.add_argument("--calibration", type=int, default=400,
+                   help="chat examples fitting the stitching layers (more is better: 100 -> 400 measured in benchmarks/CHAT_INIT.md)")
     s.add_argument("--validation", type=int, default=40,
                    help="held-out chat examples measuring every route; only stitches between the anchors and on "
                         "the quality-vs-cost front are deployed (0: no measurement, deploy all, rank by size)")
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(what the large block reads after its norm); none = plain least squares")
     s.add_argument("--min-gain", type=float, default=0.0,
                    help="a stitch must beat every cheaper deployed route by more than this (quality units)")
+    s.add_argument("--distill-steps", type=int, default=0,
+                   help="after least squares, train each stitching layer alone this many steps (4 sequences "
+                        "each) against the large anchor's next-token distribution: better stitches, ~1 min per "
+                        "stitch per 24 steps on 2 CPU cores (0: off)")
     s.add_argument("--confidence", type=float, default=2.0,
                    help="... and by more than this many standard errors of the paired difference on the "
                         "validation examples (0: any measured gain counts, noise included)")

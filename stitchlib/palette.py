@@ -279,10 +279,11 @@ def chat_calibration_split(sources: tuple[str, ...] | list[str], *, n_calibratio
 
 def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str = "tiny-large",
                  task: Literal["chat", "classify"] = "chat", labels: list[str] | None = None, seed: int = 0,
-                 calibration_texts: list[str] | None = None, n_calibration: int = 100, max_len: int = 128,
+                 calibration_texts: list[str] | None = None, n_calibration: int = 400, max_len: int = 128,
                  dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True,
                  chat_data: tuple[str, ...] | list[str] = DEFAULT_CHAT_DATA, weighting: str = "relative",
-                 n_validation: int = 40, min_gain: float = 0.0, confidence: float = 2.0) -> Path:
+                 n_validation: int = 40, min_gain: float = 0.0, confidence: float = 2.0,
+                 distill_steps: int = 0, distill_lr: float = 5e-4) -> Path:
     """A least-squares-only palette (PST untrained: LoRA and SSB zero, classification heads
     seeded-random), gated by measured quality. The starting point before `stitchserve adapt`.
 
@@ -296,7 +297,11 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     `n_validation=0` skips the measurement: every stitch is deployed and serving ranks them by size
     (the tests' synthetic pair, whose random weights have no quality to measure).
     classify: fitted on `calibration_texts` (default: standard-library docstrings); its heads are
-    untrained, so there is no quality to gate on and every stitch is deployed."""
+    untrained, so there is no quality to gate on and every stitch is deployed.
+    distill_steps > 0 adds the output-aware step (stitchlib.calibrate.distill_stitching_) to every
+    stitch: that many steps of 4 calibration sequences each, one pass over fresh data (more passes
+    overfit; benchmarks/CHAT_INIT.md). It costs a forward and backward of each stitch's large tail per
+    step (~27 min for 24 steps on the Qwen pair, 2 CPU cores), so it is off by default."""
     from .anchors import load_anchor
     from .calibrate import calibrate_, default_calibration_texts, token_batches
     from .gate import paired_se, select_deployment
@@ -333,6 +338,15 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
                        seed=seed)
     residual = calibrate_(model, batches, progress=progress, total=len(batches), weighting=weighting)
     metrics = {sid: {"calibration_residual": r} for sid, r in residual.items()}
+    if distill_steps > 0:
+        from .calibrate import distill_stitching_
+
+        quads = [(i[j:j + 4], a[j:j + 4]) for i, a in batches for j in range(0, i.shape[0], 4)][:distill_steps]
+        kl = distill_stitching_(model, quads, [s.id for s in model.stitches if s.kind == "stitch"],
+                                steps=distill_steps, lr=distill_lr, progress=progress)
+        for sid, k in kl.items():
+            metrics[sid].update(distill_kl_before=k["kl_before"], distill_kl_after=k["kl_after"])
+        calibration.update(distill_steps=distill_steps, distill_lr=distill_lr, distill_sequences=4 * len(quads))
     training: dict[str, Any] = {"kind": "least-squares-only", "calibration": calibration,
                                 "calibration_sequences": calibration["sequences"], "max_len": max_len, "seed": seed}
     quality_metric = None

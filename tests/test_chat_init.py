@@ -230,3 +230,16 @@ def test_route_nll_samples_are_paired_per_example(tiny_model):
         s = r.samples()
         assert len(s) == 5 and sum(s) / len(s) == pytest.approx(-r.loss, rel=1e-9)
         assert sum(k for _, k in r.per_example) == r.tokens
+
+
+def test_init_palette_with_the_distillation_step(tmp_path, chat_file):
+    from stitchlib.palette import init_palette, load_palette
+
+    m, tensors = load_palette(init_palette(tmp_path / "p", chat_data=[str(chat_file)], n_calibration=8,
+                                           n_validation=0, distill_steps=2, distill_lr=1e-2, progress=False,
+                                           dtype="float32"))
+    assert m.training["calibration"]["distill_steps"] == 2 and m.training["calibration"]["distill_sequences"] == 8
+    for s in m.stitches:
+        if s.kind == "stitch":
+            # a step that did not help is not kept (the least-squares layer stays), so "after" may be higher
+            assert s.metrics["distill_kl_before"] > 0 and s.metrics["distill_kl_after"] > 0

@@ -155,7 +155,9 @@ def test_tensors_from_another_pair_are_refused(chat_palette, tmp_path):
 
 
 def test_runtime_serves_ls_palette(chat_palette):
-    rt = PaletteRuntime.load(chat_palette)
+    # float32: greedy equality between the engine and the reference decode must not hinge on bf16
+    # near-ties (seen: step 5 picks 41 vs 39 with a tied top-2 in bf16)
+    rt = PaletteRuntime.load(chat_palette, dtype="float32")
     assert rt.task == "chat" and rt.name == "tiny-chat"
     assert [s.id for s in rt.stitches][0] == "small" and rt.stitches[-1].id == "large"
     # quality unknown in an LS-only palette: ranked by size
