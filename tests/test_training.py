@@ -258,6 +258,24 @@ def test_cli_when_no_stitch_is_deployed(tmp_path, monkeypatch, capsys, task, eva
     assert {d["id"] for d in summary["dropped_by_gate"]} == set(gated)
 
 
+def test_chat_gate_uses_the_paired_noise_margin(tmp_path, capsys):
+    """Chat evaluation hands each route's per-example losses to the gate: with a margin no stitch can
+    clear (--gate-confidence 1e6) every evaluated pick is dropped, and its reason names the standard
+    errors (which appear only when per-example samples reached stitchlib.gate)."""
+    from stitchlib.palette import read_manifest
+    from training.adapt_llama import main
+
+    data = write_chat(tmp_path / "d.json", n=40)
+    rc = main([*TINY, "--task", "chat", "--data", str(data), "--out", str(tmp_path / "p"), "--steps", "2",
+               "--batch-size", "4", "--seq-len", "48", "--eval-size", "8", "--calib-size", "16", "--dtype", "float32",
+               "--checkpoint-every", "0", "--no-progress", "--gate-confidence", "1e6"])
+    assert rc == 0, capsys.readouterr().out
+    m = read_manifest(tmp_path / "p")
+    assert [s.id for s in m.deployed()] == ["small", "large"]
+    gated = [s for s in m.stitches if s.dropped in ("below_small", "dominated")]
+    assert gated and all("standard errors" in s.dropped_reason for s in gated), [s.dropped_reason for s in gated]
+
+
 @pytest.mark.slow
 def test_chat_end_to_end_and_two_stage_ablation(tmp_path):
     from stitchlib.runtime import PaletteRuntime

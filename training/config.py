@@ -45,6 +45,9 @@ class TrainConfig(BaseModel):
     max_train_examples: int | None = Field(None, ge=1, description="use a seeded random subset of the "
                                            "training split (benchmarks on a small budget)")
     calib_size: int = Field(100, ge=1, description="training sequences for the least-squares calibration")
+    gate_confidence: float = Field(2.0, ge=0, description="chat: a deployed stitch must beat the small anchor and "
+                                   "every cheaper deployed route by more than this many standard errors of the "
+                                   "paired per-example difference on the validation split (0: any gain)")
     calib_weighting: Literal["relative", "none"] = Field(
         "relative", description="least-squares token weighting: relative = error relative to each token's own "
                                 "scale (what the large block reads after its norm; benchmarks/CHAT_INIT.md), "

@@ -110,6 +110,7 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.device = torch.device(cfg.device)
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+        self.samples: dict[str, tuple[float, ...]] = {}  # chat: per-example validation quality (gate margin)
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, examples: task_data.Examples) -> None:
@@ -402,7 +403,7 @@ class Trainer:
 
     def evaluate(self, ids: list[str] | None) -> dict[str, dict[str, float]]:
         return evaluate(self.model, self.cfg, self.enc, stitch_ids=ids, progress=self.cfg.progress,
-                        before_stitch=self.honour_stop)
+                        before_stitch=self.honour_stop, samples_out=self.samples)
 
     def deploy(self) -> Deployment:
         """Top SNIP score per interval, checked on the validation split (stitchlib.snip.validated_deploy);
@@ -433,9 +434,13 @@ class Trainer:
         so every stitch evaluated for deployment carries a verdict and a reason."""
         m = self.model
         slots = sorted({*dep.slots, *dep.rejected})
-        rows = [GateRow(m.stitches[s].id, m.cost(m.stitches[s]).gflops, dep.quality.get(s)) for s in slots]
+        rows = [GateRow(m.stitches[s].id, m.cost(m.stitches[s]).gflops, dep.quality.get(s),
+                        self.samples.get(m.stitches[s].id)) for s in slots]
+        # chat: a stitch must win by more than gate_confidence paired standard errors on the validation
+        # examples (stitchlib.gate); without per-example samples (classify, or measured before a resume)
+        # the margin is 0
         res = select_deployment(rows, small_id=m.stitches[self.small_slot].id,
-                                large_id=m.stitches[self.large_slot].id)
+                                large_id=m.stitches[self.large_slot].id, z=self.cfg.gate_confidence)
         rejected = {m.stitches[s].id for s in dep.rejected}  # validated_deploy already warned about these
         for d in res.dropped():
             if d.id not in rejected:
@@ -448,9 +453,11 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate(model: StitchedLM, cfg: TrainConfig, enc: task_data.Encoded, *, stitch_ids: list[str] | None = None,
-             progress: bool = True, before_stitch=lambda: None) -> dict[str, dict[str, float]]:
+             progress: bool = True, before_stitch=lambda: None,
+             samples_out: dict[str, tuple[float, ...]] | None = None) -> dict[str, dict[str, float]]:
     """Stitches (default: every one) on the validation split. chat: token-weighted loss, perplexity,
-    neg_loss; classify: accuracy, loss. `before_stitch()` runs between stitches (the trainer's stop check)."""
+    neg_loss (and, into `samples_out`, each route's per-example neg_loss for paired comparisons);
+    classify: accuracy, loss. `before_stitch()` runs between stitches (the trainer's stop check)."""
     from tqdm.auto import tqdm
 
     device = torch.device(cfg.device)
@@ -468,6 +475,8 @@ def evaluate(model: StitchedLM, cfg: TrainConfig, enc: task_data.Encoded, *, sti
                 res = route_nll(model, chat, [s.id for s in todo[i:i + 4]])
             for sid, r in res.items():
                 out[sid] = {k: v for k, v in r.metrics().items() if k != "eval_tokens"}
+                if samples_out is not None:
+                    samples_out[sid] = tuple(r.samples())
                 if not progress:
                     log.info("evaluated %s: %s", sid, ", ".join(f"{k} {v:.4f}" for k, v in out[sid].items()))
         return out
