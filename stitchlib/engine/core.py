@@ -212,6 +212,13 @@ class StitchEngine:
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches.values() if c is not None)
 
+    def graph_stats(self) -> dict:
+        """What the decode-graph path did so far: captures, replays, evictions, capture seconds, and the
+        error that switched it off (`active` False from then on; benchmarks record this next to timings)."""
+        if self.graphs is None:
+            return {"active": False, "error": None}
+        return {"active": self.graph_error is None, "error": self.graph_error, **self.graphs.stats()}
+
     @torch.no_grad()
     def decode_burst(self, steps: int) -> torch.Tensor:
         """Benchmark helper: `steps` decode steps of the running rows with no host reads, no stop
@@ -253,14 +260,14 @@ class StitchEngine:
         kv_len = self._kv_len(max(r.length for r in self.rows) + 1)
         with self._lock:
             logits = None
-            if self.graphs is not None:
+            if self.graphs is not None and self.graph_error is None:
                 try:
                     logits = self.graphs.run(plan, kv_len)
                 except RuntimeError as e:  # capture not supported by some op here: serve eagerly, loudly
                     log.error("CUDA graph capture failed (%s: %s); decoding without graphs from now on",
                               type(e).__name__, e)
                     self.graph_error = f"{type(e).__name__}: {e}"
-                    self.graphs = None
+                    self.graphs.graphs.clear()  # free the captured graphs; keep the counts (graph_stats)
             if logits is None:
                 logits = self.runner.forward(self.tokens[:B, None], self.lengths[:B, None], slice(0, B), plan,
                                              kv_len)

@@ -16,6 +16,7 @@ whole step is captured by `DecodeGraphs` instead, which keeps weights and caches
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,21 +53,50 @@ def compile_layer_fn(mode: str | None = None) -> Callable:
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    replay: Callable[[], None]  # re-runs the captured step: writes `logits`
     logits: torch.Tensor  # [n, V], written by every replay
     plan: RoutePlan  # keeps the plan's index tensors alive: the graph reads their addresses
 
 
+# capture(step) -> (replay, output): run `step` once the way the replays will run it and return a
+# callable that repeats it, writing the same output tensor. `cuda_capture` is the real one; tests
+# on a machine without CUDA pass an eager stand-in to exercise everything around it.
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+
+
+def cuda_capture(step: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], None], torch.Tensor]:
+    # Warm-up on a side stream (first calls of compiled code compile and autotune there, which
+    # must not happen under capture). It writes the same K/V the replay writes: idempotent.
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph.replay, out
+
+
 class DecodeGraphs:
-    """One CUDA graph per (plan, kv_len), replayed on the engine's persistent input buffers."""
+    """One CUDA graph per (plan, kv_len), replayed on the engine's persistent input buffers.
+    Counts what it did (`stats()`), so a benchmark can record captures, replays and evictions."""
 
     def __init__(self, runner: StitchRunner, tokens: torch.Tensor, lengths: torch.Tensor, *,
-                 max_graphs: int = 32) -> None:
+                 max_graphs: int = 32, capture: Capture | None = None) -> None:
         self.runner, self.tokens, self.lengths = runner, tokens, lengths
         self.max_graphs = max_graphs
-        self.pool = torch.cuda.graph_pool_handle()
+        if capture is None:
+            pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every graph of this engine
+            capture = lambda step: cuda_capture(step, pool)  # noqa: E731
+        self.capture = capture
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.captures = 0
+        self.captures = self.replays = self.evictions = self.failed_captures = 0
+        self.capture_s = 0.0  # host seconds spent capturing (warm-up run included)
+
+    def stats(self) -> dict:
+        return {"captures": self.captures, "replays": self.replays, "evictions": self.evictions,
+                "failed_captures": self.failed_captures, "capture_s": self.capture_s, "resident": len(self.graphs)}
 
     def _step(self, plan: RoutePlan, kv_len: int) -> torch.Tensor:
         n = plan.n
@@ -80,22 +110,22 @@ class DecodeGraphs:
             self.graphs[key] = g
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
+                self.evictions += 1
         else:
             self.graphs.move_to_end(key)
-        g.graph.replay()
+        g.replay()
+        self.replays += 1
         return g.logits
 
     def _capture(self, plan: RoutePlan, kv_len: int) -> _Graph:
-        # Warm-up on a side stream (first calls of compiled code compile and autotune there, which
-        # must not happen under capture). It writes the same K/V the replay writes: idempotent.
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            self._step(plan, kv_len)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(plan, kv_len)
+        t = time.perf_counter()
+        try:
+            replay, logits = self.capture(lambda: self._step(plan, kv_len))
+        except BaseException:
+            self.failed_captures += 1
+            raise
+        finally:
+            self.capture_s += time.perf_counter() - t
         self.captures += 1
         log.debug("captured decode graph %d: %d rows, kv_len %d", self.captures, plan.n, kv_len)
-        return _Graph(graph, logits, plan)
+        return _Graph(replay, logits, plan)
