@@ -34,8 +34,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--large", default=DEFAULT_LARGE)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--calibration", type=int, default=400, help="chat examples fitting the stitching layers")
-    p.add_argument("--validation", type=int, default=40,
-                   help="held-out chat examples measuring every route (the deployment gate)")
+    p.add_argument("--validation", type=int, default=120,
+                   help="held-out chat examples measuring the routes (the deployment gate; the first 40 measure "
+                        "every route, the rest only those not clearly worse than the small anchor)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end")
@@ -69,13 +70,15 @@ def _palette(small: str, large: str, n_calibration: int, n_validation: int) -> P
     out = cache_root() / "palettes" / f"{small}--{large}--chat-gated"
     if (out / "manifest.json").is_file():
         try:
-            if read_manifest(out).quality_metric or not n_validation:  # validated; else rebuilt below
+            t = read_manifest(out).training
+            built = (t.get("calibration", {}).get("sequences"), t.get("validation", {}).get("examples", 0))
+            if built == (n_calibration, n_validation):  # else built with other settings: rebuilt below
                 _say(f"palette (cached): {out}")
                 return out
         except PaletteError as e:
             _say(f"cached palette unusable ({e}); rebuilding")
     _say(f"building a least-squares-only palette: stitching layers fitted on {n_calibration} chat examples, "
-         f"every route measured on {n_validation} held-out ones, only stitches that earn their cost deployed "
+         f"routes measured on up to {n_validation} held-out ones, only stitches that earn their cost deployed "
          f"-> {out}")
     t0 = time.time()
     init_palette(out, small=small, large=large, task="chat", n_calibration=n_calibration,

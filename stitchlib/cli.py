@@ -58,7 +58,7 @@ def _cmd_init_palette(args: argparse.Namespace) -> int:
     data = [x.strip() for x in args.chat_data.split(",") if x.strip()]
     out = init_palette(args.out, small=args.small, large=args.large, task=args.task, labels=labels,
                        seed=args.seed, n_calibration=args.calibration, dtype=args.dtype, overwrite=args.overwrite,
-                       chat_data=data, weighting=args.weighting, n_validation=args.validation,
+                       chat_data=data, weighting=args.weighting, n_validation=args.validation, n_screen=args.screen,
                        min_gain=args.min_gain, confidence=args.confidence, distill_steps=args.distill_steps)
     from .palette import read_manifest
 
@@ -178,9 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="palette directory to create")
     s.add_argument("--calibration", type=int, default=400,
                    help="chat examples fitting the stitching layers (more is better: 100 -> 400 measured in benchmarks/CHAT_INIT.md)")
-    s.add_argument("--validation", type=int, default=40,
-                   help="held-out chat examples measuring every route; only stitches between the anchors and on "
+    s.add_argument("--validation", type=int, default=120,
+                   help="held-out chat examples measuring the routes; only stitches between the anchors and on "
                         "the quality-vs-cost front are deployed (0: no measurement, deploy all, rank by size)")
+    s.add_argument("--screen", type=int, default=40,
+                   help="the first this many validation examples measure every route; only routes not clearly "
+                        "worse than the small anchor are measured on the rest (0: every route on every example)")
     s.add_argument("--chat-data", default="pydocs,bbcheadlines",
                    help="comma-separated chat sources (built-in names or .json/.jsonl files) for calibration and "
                         "validation, drawn evenly")

@@ -90,8 +90,52 @@ def _q(x: float) -> str:
     return f"{x:.4g}"
 
 
+# Screening drops a route whose mean is below the small anchor's by more than this many standard
+# errors on the first slice of the validation split: a stitch that far behind after a few dozen
+# examples has a few percent chance of later beating the small anchor by the deployment margin
+# (2 standard errors on the whole split), and dropping a route never breaks the promise, it only
+# loses a candidate. See `screen`.
+SCREEN_Z = 1.0
+
+
+def screen(candidates: Sequence[GateRow], *, small_id: str = "small", large_id: str = "large",
+           z: float = SCREEN_Z) -> tuple[list[str], list[GateDecision]]:
+    """First stage of a two-stage validation: which routes are worth measuring on the rest of the split.
+
+    `candidates` were measured on a first slice of the validation examples (per-example `samples`).
+    Returns (ids to keep measuring: both anchors and every stitch not clearly worse than the small
+    anchor, cost order; decisions for the rest: `below_small`, noting the screen). The survivors go
+    on to `select_deployment` with their samples over the whole split, which alone decides deployment;
+    the screened ones join its result through `prior`. Measuring only the survivors is what makes a
+    larger validation split affordable: on the Qwen pair ~2/3 of least-squares stitches are far below
+    the small anchor and cost most of the measuring time (benchmarks/CHAT_INIT.md)."""
+    rows = {r.id: r for r in candidates}
+    for aid in (small_id, large_id):
+        if aid not in rows or rows[aid].quality is None:
+            raise ValueError(f"screening needs the anchor {aid!r} measured")
+    small = rows[small_id]
+    qs = float(small.quality)
+    keep, dropped = [], []
+    for r in sorted(candidates, key=lambda r: (r.cost, r.id)):
+        if r.id in (small_id, large_id) or r.quality is None or not math.isfinite(r.quality):
+            keep.append(r.id)  # anchors always; unmeasured rows are the gate's to report
+            continue
+        m = z * paired_se(r, small)
+        if r.quality < qs - m:
+            n = len(r.samples or ())
+            dropped.append(GateDecision(
+                r.id, r.cost, r.quality, False, "below_small",
+                f"quality {_q(r.quality)} on the first {n} validation examples is below the small anchor's "
+                f"{_q(qs)} by more than {_q(m)} ({_q(z)} standard errors of the paired difference): screened "
+                "out before the rest of the split (it costs more for no better answer)"))
+        else:
+            keep.append(r.id)
+    return keep, dropped
+
+
 def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small", large_id: str = "large",
-                      min_gain: float = 0.0, z: float = 0.0) -> GateResult:
+                      min_gain: float = 0.0, z: float = 0.0,
+                      prior: Sequence[GateDecision] = ()) -> GateResult:
     """Gate and Pareto-select `candidates` (every route to consider, both anchors included).
 
     Walk the stitches by cost ascending, starting from the small anchor as the best route so far:
@@ -109,7 +153,9 @@ def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small",
     anchor, so without it the gate would deploy noise (benchmarks/CHAT_INIT.md).
     Both anchors are always deployed: they bound every budget and serving needs them.
     Ties in cost are walked best quality first, so of two equally cheap routes the worse one is
-    dominated by the other. Raises ValueError when an anchor is missing or unmeasured.
+    dominated by the other. `prior`: decisions already taken on routes not among `candidates` (the
+    routes `screen` dropped); they join the result in cost order and never count as deployed.
+    Raises ValueError when an anchor is missing or unmeasured.
     """
     if not (min_gain >= 0 and math.isfinite(min_gain)):
         raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain}")
@@ -175,4 +221,9 @@ def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small",
                                           f"quality {_q(q)} is between the anchors' ({_q(qs)} .. {_q(ql)}) and "
                                           "above every cheaper deployed route"))
             best_id, best_q, best_cost = r.id, q, r.cost
+    if prior:
+        clash = {d.id for d in prior} & set(rows)
+        if clash or any(d.deployed for d in prior):
+            raise ValueError(f"prior decisions must be drops of routes not among the candidates: {sorted(clash)}")
+        decisions = sorted(decisions + list(prior), key=lambda d: (d.cost, d.id not in (small_id, large_id)))
     return GateResult(decisions, small_id, large_id, qs, ql, min_gain, z)

@@ -256,13 +256,14 @@ def chat_calibration_split(sources: tuple[str, ...] | list[str], *, n_calibratio
     """Chat examples for a least-squares palette: `n_calibration` to fit the stitching layers and
     `n_validation` held out to measure every route, drawn evenly from each source; no example is in
     both. Deterministic in the seed (stitchlib.data.split ranks examples by a hash of their content)."""
+    import itertools
     import random
 
     from . import data as D
 
     if not sources:
         raise PaletteError("a chat palette needs at least one calibration data source")
-    calib, val = [], []
+    calib, held_by_source = [], []
     for i, src in enumerate(sources):
         exs = D.load_chat(src)
         want_val = n_validation // len(sources) + (1 if i < n_validation % len(sources) else 0)
@@ -272,8 +273,10 @@ def chat_calibration_split(sources: tuple[str, ...] | list[str], *, n_calibratio
         want = n_calibration // len(sources) + (1 if i < n_calibration % len(sources) else 0)
         rng = random.Random(f"stitchserve-calibration:{seed}:{src}")
         calib += [pool[j] for j in sorted(rng.sample(range(len(pool)), min(want, len(pool))))]
-        val += held
+        held_by_source.append(held)
     random.Random(f"stitchserve-calibration:{seed}").shuffle(calib)
+    # round-robin over the sources, so that any first slice (the screening stage) mixes them evenly
+    val = [ex for group in itertools.zip_longest(*held_by_source) for ex in group if ex is not None]
     return calib, val
 
 
@@ -282,7 +285,7 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
                  calibration_texts: list[str] | None = None, n_calibration: int = 400, max_len: int = 128,
                  dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True,
                  chat_data: tuple[str, ...] | list[str] = DEFAULT_CHAT_DATA, weighting: str = "relative",
-                 n_validation: int = 40, min_gain: float = 0.0, confidence: float = 2.0,
+                 n_validation: int = 120, n_screen: int = 40, min_gain: float = 0.0, confidence: float = 2.0,
                  distill_steps: int = 0, distill_lr: float = 5e-4) -> Path:
     """A least-squares-only palette (PST untrained: LoRA and SSB zero, classification heads
     seeded-random), gated by measured quality. The starting point before `stitchserve adapt`.
@@ -294,7 +297,10 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     between the anchors and on the quality-vs-cost front, each by more than `confidence` standard
     errors of its paired difference on those examples, are deployed (stitchlib.gate); the manifest
     records each one's quality (`neg_loss`, the router's ranking) and why the others were dropped.
-    `n_validation=0` skips the measurement: every stitch is deployed and serving ranks them by size
+    The measurement runs in two stages so that a split large enough to tell neighbouring stitches
+    apart stays affordable: every route on the first `n_screen` examples, then only the routes not
+    clearly worse than the small anchor (stitchlib.gate.screen) on the rest (`n_screen=0`: all routes
+    on all examples). `n_validation=0` skips the measurement: every stitch is deployed and serving ranks them by size
     (the tests' synthetic pair, whose random weights have no quality to measure).
     classify: fitted on `calibration_texts` (default: standard-library docstrings); its heads are
     untrained, so there is no quality to gate on and every stitch is deployed.
@@ -304,7 +310,7 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     step (~27 min for 24 steps on the Qwen pair, 2 CPU cores), so it is off by default."""
     from .anchors import load_anchor
     from .calibrate import calibrate_, default_calibration_texts, token_batches
-    from .gate import paired_se, select_deployment
+    from .gate import SCREEN_Z, paired_se, screen, select_deployment
     from .model import StitchedLM
 
     if task == "classify" and (not labels or len(labels) < 2):
@@ -353,19 +359,33 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     if val_examples:
         from .quality import chat_eval_batches, route_nll
 
+        def rows(res: dict) -> list[GateRow]:  # route results -> gate input, with per-example samples
+            return [GateRow(i, model.cost(model.get(i)).gflops, -r.loss, tuple(r.samples())) for i, r in res.items()]
+
         t0 = time.time()
-        vb = chat_eval_batches(tok, val_examples, batch_size=bs)
-        measured = route_nll(model, vb, progress=progress)
-        gate_input = [GateRow(s.id, model.cost(s).gflops, -measured[s.id].loss, tuple(measured[s.id].samples()))
-                      for s in model.stitches]
-        small_row = gate_input[model.slot["small"]]
-        for row in gate_input:
+        # Two stages: every route on the first `n_screen` examples, then only the routes not clearly
+        # worse than the small anchor (gate.screen) on the rest; deployment is decided on the whole split.
+        n1 = n_screen if 0 < n_screen < len(val_examples) else len(val_examples)
+        stages = [chat_eval_batches(tok, val_examples[:n1], batch_size=bs)]
+        measured = route_nll(model, stages[0], progress=progress)
+        keep, screened = list(measured), []
+        if n1 < len(val_examples):
+            keep, screened = screen(rows(measured), z=SCREEN_Z)
+            stages.append(chat_eval_batches(tok, val_examples[n1:], batch_size=bs))
+            more = route_nll(model, stages[1], keep, progress=progress)
+            measured = {i: r + more[i] if i in more else r for i, r in measured.items()}
+        gate_input = rows({i: measured[i] for i in keep})
+        small_row = gate_input[keep.index("small")]
+        small_first = GateRow("small", small_row.cost, None, small_row.samples[:n1])
+        for row in rows(measured):
             metrics.setdefault(row.id, {}).update(measured[row.id].metrics())
-            if row.id != "small":  # how noisy its difference to the small anchor is on this split
-                metrics[row.id]["neg_loss_se_vs_small"] = paired_se(row, small_row)
+            if row.id != "small":  # how noisy its difference to the small anchor is, on the examples it saw
+                metrics[row.id]["neg_loss_se_vs_small"] = paired_se(row, small_row if row.id in keep else small_first)
         quality_metric = "neg_loss"
-        training["validation"] = {"data": list(chat_data), "examples": len(val_examples),
-                                  "response_tokens": int(sum(int((b[2][:, 1:] != -100).sum()) for b in vb)),
+        training["validation"] = {"data": list(chat_data), "examples": len(val_examples), "screen_examples": n1,
+                                  "screened_out": [d.id for d in screened],
+                                  "response_tokens": int(sum(int((b[2][:, 1:] != -100).sum())
+                                                             for vb in stages for b in vb)),
                                   "metric": quality_metric, "seconds": round(time.time() - t0, 1)}
     else:
         training["gate"] = {"off": "no validation measurement (n_validation=0)" if task == "chat" else
@@ -374,7 +394,7 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     manifest = build_manifest(model, name=name, task=task, labels=labels, metrics=metrics,
                               quality_metric=quality_metric, training=training)
     if quality_metric:
-        gate = select_deployment(gate_input, min_gain=min_gain, z=confidence)
+        gate = select_deployment(gate_input, min_gain=min_gain, z=confidence, prior=screened)
         manifest = apply_gate(manifest, gate)
         training["gate"] = {"min_gain": min_gain, "confidence_z": confidence, "deployed": gate.deployed_ids(),
                             "anchors_inverted": gate.anchors_inverted}

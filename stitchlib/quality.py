@@ -48,6 +48,10 @@ class RouteNLL:
         n = len(self.per_example)
         return [-nll * n / max(self.tokens, 1) for nll, _ in self.per_example]
 
+    def __add__(self, other: "RouteNLL") -> "RouteNLL":
+        """The same route over two sets of examples (this one's first): a second validation stage."""
+        return RouteNLL(self.nll + other.nll, self.tokens + other.tokens, self.per_example + other.per_example)
+
     def metrics(self) -> dict[str, float]:
         return {"loss": self.loss, "neg_loss": -self.loss, "perplexity": math.exp(min(self.loss, 50.0)),
                 "eval_tokens": float(self.tokens)}

@@ -167,6 +167,44 @@ def test_init_palette_calibrates_on_the_chat_template_and_gates(tmp_path, tiny_m
         assert torch.allclose(tensors[f"stitching.{sid}.weight"], layer.weight, atol=1e-5), sid
 
 
+@pytest.mark.parametrize("force", [False, True], ids=["as-measured", "all-screened"])
+def test_two_stage_validation_measures_survivors_on_the_whole_split(tmp_path, tiny_model, chat_file, monkeypatch,
+                                                                    force):
+    """n_screen < n_validation: every route is measured on the first n_screen held-out examples, the
+    routes gate.screen keeps on all of them; each route's recorded loss is exactly route_nll's over the
+    examples it saw, and the gate decides on the survivors' whole-split numbers."""
+    import stitchlib.gate as gate_mod
+    from stitchlib.gate import GateRow, select_deployment
+    from stitchlib.palette import chat_calibration_split, init_palette, load_palette
+
+    if force:  # a screen nothing passes: only the anchors reach the second stage
+        monkeypatch.setattr(gate_mod, "SCREEN_Z", -1e9)
+    out = init_palette(tmp_path / "p", chat_data=[str(chat_file)], n_calibration=12, n_validation=10, n_screen=4,
+                       progress=False, dtype="float32")
+    m, tensors = load_palette(out)
+    v = m.training["validation"]
+    assert v["examples"] == 10 and v["screen_examples"] == 4
+    screened = set(v["screened_out"])
+    if force:
+        assert screened == {s.id for s in m.stitches} - {"small", "large"}
+    assert {s.id for s in m.stitches if s.dropped_reason and "screened out" in s.dropped_reason} == screened
+    # the numbers: rebuild the model from the palette and measure each route over what it saw
+    model = tiny_model()
+    model.load_palette_state_dict(tensors)
+    model.eval()
+    _, val = chat_calibration_split([str(chat_file)], n_calibration=12, n_validation=10, seed=0)
+    tok = model.small_anchor.tokenizer
+    first = route_nll(model, chat_eval_batches(tok, val[:4]))
+    whole = route_nll(model, chat_eval_batches(tok, val))
+    for s in m.stitches:
+        ref = first[s.id] if s.id in screened else whole[s.id]
+        assert s.metrics["eval_tokens"] == ref.tokens, s.id
+        assert s.metrics["loss"] == pytest.approx(ref.loss, abs=1e-4), s.id
+    survivors = [GateRow(s.id, s.gflops, -whole[s.id].loss, tuple(whole[s.id].samples()))
+                 for s in m.stitches if s.id not in screened]
+    assert select_deployment(survivors, z=2.0).deployed_ids() == [s.id for s in m.deployed()]
+
+
 def test_a_palette_with_no_stitch_worth_its_cost_deploys_just_the_anchors(tmp_path, chat_file):
     """No stitch clears the bar (here: a min_gain none can reach): only the anchors serve, and the
     command says which stitches were dropped and why."""

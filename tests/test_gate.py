@@ -36,6 +36,34 @@ def test_each_drop_reason_with_its_sentence():
     assert not res.anchors_inverted
 
 
+def test_screen_drops_only_routes_clearly_below_the_small_anchor():
+    """First validation stage: a stitch below the small anchor by more than z paired standard errors is
+    dropped (below_small, saying it was screened); one below it within the noise, one above, unmeasured
+    rows and both anchors go on to the second stage; the drops join the gate's verdict through `prior`."""
+    from stitchlib.gate import screen
+
+    small = GateRow("small", 1.0, -3.0, (-3.0, -2.0, -4.0, -3.0))
+    far = GateRow("far", 2.0, -3.5, (-3.4, -2.6, -4.4, -3.6))      # -0.5, SE 0.071: screened
+    near = GateRow("near", 3.0, -3.05, (-2.5, -2.6, -4.5, -3.6))   # -0.05, SE 0.32: kept
+    good = GateRow("good", 4.0, -2.5, (-2.5, -1.5, -3.5, -2.5))    # +0.5: kept
+    unm = GateRow("unm", 5.0, None)
+    large = GateRow("large", 6.0, -2.0, (-2.0, -1.0, -3.0, -2.0))
+    keep, dropped = screen([large, good, near, far, small, unm], z=1.0)
+    assert keep == ["small", "near", "good", "unm", "large"]  # cost order
+    assert [(d.id, d.reason, d.deployed) for d in dropped] == [("far", "below_small", False)]
+    assert "first 4 validation examples" in dropped[0].message and "screened out" in dropped[0].message
+    # z=0: anything below the small anchor goes; a huge z keeps everything
+    assert screen([small, far, near, good, large], z=0.0)[0] == ["small", "good", "large"]
+    assert screen([small, far, near, good, large], z=1e6)[0] == ["small", "far", "near", "good", "large"]
+    res = select_deployment([small, near, good, large], z=2.0, prior=dropped)
+    assert [d.id for d in res.decisions] == ["small", "far", "near", "good", "large"]
+    assert res["far"].message == dropped[0].message and res.deployed_ids() == ["small", "good", "large"]
+    with pytest.raises(ValueError, match="prior"):
+        select_deployment([small, near, good, large], prior=[res["near"]])  # not a route the walk left out
+    with pytest.raises(ValueError, match="anchor"):
+        screen([far, near, large])
+
+
 def test_ties_are_dropped_never_deployed():
     rows = [S, L, GateRow("eq_small", 2.0, 2.0), GateRow("a", 3.0, 3.0), GateRow("eq_a", 4.0, 3.0),
             GateRow("eq_large", 5.0, 4.0), GateRow("twin_worse", 6.0, 3.2), GateRow("twin_better", 6.0, 3.4)]
