@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from .budget import BudgetError, try_parse_budget
 from .config import PaletteDeploymentConfig, ServeConfig
+from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import NO_STITCH, ResponseStats, StatLogger
 from .protocol import (
     ChatCompletionChoice,
@@ -36,6 +37,8 @@ from .protocol import (
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
     GenerateInput,
@@ -44,6 +47,9 @@ from .protocol import (
     StitchCard,
     StitchList,
     StitchStatus,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     UsageInfo,
     random_id,
 )
@@ -53,6 +59,7 @@ log = logging.getLogger("ray.serve")
 BUDGET_HEADER = "x-compute-budget"
 POLICY_HEADER = "x-budget-policy"
 TIMEOUT_HEADER = "x-request-timeout-seconds"
+STITCH_HEADER = "x-stitch-id"  # evaluation override: serve on this deployed stitch
 POLICIES = {"strict": True, "best-effort": False, "best_effort": False}
 
 
@@ -172,6 +179,9 @@ class OpenAIServing:
             return ServingError(400, f"malformed JSON body: {e}")
         if not isinstance(data, dict):
             return ServingError(400, "the JSON body must be an object")
+        refused = getattr(model_cls, "unsupported", lambda _: None)(data)
+        if refused is not None:
+            return ServingError(400, refused[0], param=refused[1])
         try:
             return model_cls.model_validate(data)
         except ValidationError as e:
@@ -237,7 +247,8 @@ class OpenAIServing:
 
     # ---- generation ---------------------------------------------------------------------------------
     def admit(self, raw: bytes, headers: Mapping[str, str], model_cls: type, task: str) -> tuple | ServingError:
-        """Body, palette, budget and timeout of a request -> (req, palette ref, (budget, strict), timeout s),
+        """Body, palette, budget and timeout of a request -> (req, palette ref, (budget, strict, X-Stitch-Id),
+        timeout s),
         or the first error (recorded in the metrics, with the model once it is known)."""
         req = self.parse_body(raw, model_cls)
         if isinstance(req, ServingError):
@@ -250,7 +261,8 @@ class OpenAIServing:
         if isinstance(timeout, ServingError):  # the budget's error, else the timeout header's
             timeout.model = ref.name
             return self.fail(timeout)
-        return req, ref, budget, timeout
+        pin = headers.get(STITCH_HEADER, "").strip() or None
+        return req, ref, (*budget, pin), timeout
 
     async def generate(self, raw: bytes, headers: Mapping[str, str], *, chat: bool) -> Served | ServingError:
         admitted = self.admit(raw, headers, ChatCompletionRequest if chat else CompletionRequest, "chat")
@@ -259,14 +271,18 @@ class OpenAIServing:
         req, ref, budget, timeout = admitted
         deadline = time.monotonic() + timeout
         rid = random_id("chatcmpl" if chat else "cmpl")
+        prompt = None if chat else req.prompt
         inp = GenerateInput(
             request_id=rid,
             messages=[{"role": m.role, "content": m.text()} for m in req.messages] if chat else None,
-            prompt=None if chat else req.prompt,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_ids=prompt if isinstance(prompt, list) else None,
             max_tokens=req.requested_max_tokens(),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            seed=req.seed, stop=req.stop or [], budget=budget[0], strict=budget[1], stream=req.stream)
+            seed=req.seed, stop=req.stop or [], budget=budget[0], strict=budget[1], stitch=budget[2],
+            stream=req.stream, logprobs=req.top_k_logprobs() if chat else req.logprobs,
+            echo=False if chat else req.echo)
         gen = ref.handle.options(stream=True).generate.remote(inp.model_dump(mode="json"))
         first = await self._first(gen, deadline, ref.name)
         if isinstance(first, ServingError):
@@ -279,13 +295,15 @@ class OpenAIServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return Served(hdrs, stream=self._stream(gen, card, ref.name, rid, chat, prompt_tokens, include_usage,
-                                                    deadline))
+                                                    deadline, inp.logprobs is not None))
         text: list[str] = []
+        entries: list[dict[str, Any]] = []
         final: dict[str, Any] | None = None
         try:
             while (item := await _next_before(gen, deadline)) is not None:
                 if item["type"] == "delta":
                     text.append(item["text"])
+                    entries += item.get("logprobs", ())
                 elif item["type"] == "final":
                     final = item
                 elif item["type"] == "error":  # the replica's engine failed this request mid-way
@@ -306,14 +324,17 @@ class OpenAIServing:
                                           stitch=card.id))
         assert final is not None
         usage = UsageInfo(**final["usage"])
+        want_lp = inp.logprobs is not None
         if chat:
             body: BaseModel = ChatCompletionResponse(
                 id=rid, model=ref.name, usage=usage, stitch=card,
                 choices=[ChatCompletionChoice(message=ChatResponseMessage(content="".join(text)),
+                                              logprobs=chat_logprobs(entries) if want_lp else None,
                                               finish_reason=final["finish_reason"])])
         else:
             body = CompletionResponse(id=rid, model=ref.name, usage=usage, stitch=card,
                                       choices=[CompletionChoice(text="".join(text),
+                                                                logprobs=completion_logprobs(entries) if want_lp else None,
                                                                 finish_reason=final["finish_reason"])])
         self.record(ref.name, card.id, 200, card.budget_met)
         return Served(hdrs, body=body)
@@ -346,17 +367,21 @@ class OpenAIServing:
                                 model=model)
 
     async def _stream(self, gen: Any, card: StitchCard, model: str, rid: str, chat: bool, prompt_tokens: int,
-                      include_usage: bool, deadline: float) -> AsyncIterator[str]:
+                      include_usage: bool, deadline: float, want_lp: bool = False) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(text: str | None, finish: str | None = None, *, role: bool = False,
-                  stitch: StitchCard | None = None, usage: UsageInfo | None = None, empty: bool = False) -> str:
+                  stitch: StitchCard | None = None, usage: UsageInfo | None = None, empty: bool = False,
+                  entries: list[dict[str, Any]] | None = None) -> str:
+            lp = entries if want_lp and entries is not None else None
             if chat:
                 choices = [] if empty else [ChatCompletionStreamChoice(
-                    delta=DeltaMessage(role="assistant" if role else None, content=text), finish_reason=finish)]
+                    delta=DeltaMessage(role="assistant" if role else None, content=text), finish_reason=finish,
+                    logprobs=None if lp is None else chat_logprobs(lp))]
                 return sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=choices,
                                                         usage=usage, stitch=stitch))
-            choices_c = [] if empty else [CompletionChoice(text=text or "", finish_reason=finish)]
+            choices_c = [] if empty else [CompletionChoice(text=text or "", finish_reason=finish,
+                                                           logprobs=None if lp is None else completion_logprobs(lp))]
             return sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=choices_c,
                                                 usage=usage, stitch=stitch))
 
@@ -368,7 +393,7 @@ class OpenAIServing:
             first_delta = not chat
             while (item := await _next_before(gen, deadline)) is not None:
                 if item["type"] == "delta":
-                    yield chunk(item["text"], stitch=card if first_delta else None)
+                    yield chunk(item["text"], stitch=card if first_delta else None, entries=item.get("logprobs"))
                     first_delta = False
                 elif item["type"] == "final":
                     yield chunk(None if chat else "", item["finish_reason"], stitch=card)
@@ -407,7 +432,7 @@ class OpenAIServing:
         from ray.serve.exceptions import BackPressureError
 
         rid = random_id("cls")
-        inp = ClassifyInput(request_id=rid, texts=req.input, budget=budget[0], strict=budget[1])
+        inp = ClassifyInput(request_id=rid, texts=req.input, budget=budget[0], strict=budget[1], stitch=budget[2])
         resp = ref.handle.classify.remote(inp.model_dump(mode="json"))
         try:
             out = await _await_before(resp, time.monotonic() + timeout)
@@ -435,6 +460,39 @@ class OpenAIServing:
                                                 total_tokens=out["prompt_tokens"]))
         self.record(ref.name, card.id, 200, card.budget_met)
         return Served(stitch_headers(card), body=body)
+
+    # ---- tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) ---------------------------------
+    async def _tokenizer_call(self, model: str | None, method: str, *args: Any) -> tuple[str, Any] | ServingError:
+        ref = self.palette(model, "chat")
+        if isinstance(ref, ServingError):
+            return ref
+        try:
+            out = await _await_before(getattr(ref.handle, method).remote(*args), time.monotonic() + 30)
+        except asyncio.TimeoutError:
+            return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
+        if isinstance(out, dict) and out.get("type") == "error":
+            return ServingError.from_value(out, ref.name)
+        return ref.name, out
+
+    async def tokenize(self, raw: bytes) -> Served | ServingError:
+        req = self.parse_body(raw, TokenizeRequest)
+        if isinstance(req, ServingError):
+            return req
+        messages = None if req.messages is None else [{"role": m.role, "content": m.text()} for m in req.messages]
+        out = await self._tokenizer_call(req.model, "tokenize", req.prompt, messages, req.add_special_tokens,
+                                         req.add_generation_prompt)
+        return out if isinstance(out, ServingError) else Served({}, body=TokenizeResponse(**out[1]))
+
+    async def detokenize(self, raw: bytes) -> Served | ServingError:
+        req = self.parse_body(raw, DetokenizeRequest)
+        if isinstance(req, ServingError):
+            return req
+        out = await self._tokenizer_call(req.model, "detokenize", req.tokens)
+        return out if isinstance(out, ServingError) else Served({}, body=DetokenizeResponse(**out[1]))
+
+    async def tokenizer_info(self, model: str | None) -> Served | ServingError:
+        out = await self._tokenizer_call(model, "tokenizer_info")
+        return out if isinstance(out, ServingError) else Served({}, body=TokenizerInfo(**out[1]))
 
     # ---- introspection ------------------------------------------------------------------------------
     async def models(self) -> ModelList | ServingError:

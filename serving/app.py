@@ -2,7 +2,8 @@
 
 Thin on purpose: each route hands the raw request to `OpenAIServing` and maps the value it gets back
 (a body, an SSE stream, or a `ServingError`) to an HTTP response. The API key and the body-size limit
-are applied to every route by one middleware.
+are applied to every route by one middleware (the API documentation, /docs and /openapi.json, is open).
+`serving.openapi` documents the raw-body routes with the pydantic models that validate them.
 
     serve run deploy/serve_cpu.yaml          # import_path: serving.app:build_app, args: ServeConfig
     stitchserve serve --palette DIR ...      # the same builder from the CLI
@@ -12,21 +13,38 @@ import hmac
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.deployment import Application
 
+from . import openapi as doc
 from .api_serving import OpenAIServing, PaletteRef, Served, ServingError
 from .config import ServeConfig
 from .deployment import PaletteServer
 from .metrics import RayServeStatLogger, scrape_relay
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ClassifyRequest, ClassifyResponse,
+                       CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelList,
+                       StitchList, TokenizeRequest, TokenizeResponse, TokenizerInfo)
 
 log = logging.getLogger("ray.serve")
 
 INGRESS_NAME = "StitchServeIngress"
 
-fastapi_app = FastAPI(title="stitchserve", description="Budget-routed stitched LMs, OpenAI-compatible")
+fastapi_app = FastAPI(
+    title="stitchserve", version="0.1.0",
+    description="Budget-routed stitched LMs, OpenAI-compatible. Send `X-Compute-Budget` to choose how much "
+                "compute a request may use; the `X-Stitch-*` response headers say which stitch served it.")
+
+
+class HealthStatus(BaseModel):
+    status: str
+
+
+class ReadyStatus(BaseModel):
+    status: str = Field(description="ready | not ready")
+    models: list[dict] = Field(description="per palette deployment: ready, replica, in-flight requests, engine")
 
 
 def _error_response(err: ServingError) -> JSONResponse:
@@ -57,6 +75,9 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if path in doc.DOC_PATHS:
+            return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         err = self.check(headers)
         if err is not None:
@@ -80,6 +101,12 @@ class GuardMiddleware:
 
 
 fastapi_app.add_middleware(GuardMiddleware)
+doc.install(fastapi_app)
+_GET_ERRORS = doc.errors(401, 503)
+
+
+def _served(out: Any) -> Response:
+    return _error_response(out) if isinstance(out, ServingError) else JSONResponse(out.model_dump(mode="json"))
 
 
 @serve.ingress(fastapi_app)
@@ -95,38 +122,59 @@ class StitchServeIngress:
         this_module._GUARD.update(api_key=api_key or self.cfg.effective_api_key(),
                                   max_request_bytes=self.cfg.max_request_bytes)
 
-    @fastapi_app.post("/v1/chat/completions")
+    @fastapi_app.post("/v1/chat/completions", openapi_extra=doc.body(ChatCompletionRequest),
+                      responses=doc.served(ChatCompletionResponse, stream=True), summary="Chat completion")
     async def chat_completions(self, request: Request) -> Response:
         return _to_response(await self.serving.generate(await request.body(), request.headers, chat=True))
 
-    @fastapi_app.post("/v1/completions")
+    @fastapi_app.post("/v1/completions", openapi_extra=doc.body(CompletionRequest),
+                      responses=doc.served(CompletionResponse, stream=True), summary="Text completion")
     async def completions(self, request: Request) -> Response:
         return _to_response(await self.serving.generate(await request.body(), request.headers, chat=False))
 
-    @fastapi_app.post("/v1/classify")
+    @fastapi_app.post("/v1/classify", openapi_extra=doc.body(ClassifyRequest),
+                      responses=doc.served(ClassifyResponse, stream=False), summary="Classify texts")
     async def classify(self, request: Request) -> Response:
         return _to_response(await self.serving.classify(await request.body(), request.headers))
 
-    @fastapi_app.get("/v1/models")
+    @fastapi_app.get("/v1/models", responses={200: {"model": ModelList}, **_GET_ERRORS})
     async def models(self) -> Response:
-        out = await self.serving.models()
-        return _error_response(out) if isinstance(out, ServingError) else JSONResponse(out.model_dump(mode="json"))
+        return _served(await self.serving.models())
 
-    @fastapi_app.get("/v1/stitches")
-    async def stitches(self, model: str | None = None) -> Response:
-        out = await self.serving.stitches(model)
-        return _error_response(out) if isinstance(out, ServingError) else JSONResponse(out.model_dump(mode="json"))
+    @fastapi_app.get("/v1/stitches", responses={200: {"model": StitchList}, **doc.errors(401, 404, 503)},
+                     summary="Deployed stitches with their measured latency on the replica that answers")
+    async def stitches(self, model: str | None = Query(None, description="one model's stitches")) -> Response:
+        return _served(await self.serving.stitches(model))
 
-    @fastapi_app.get("/health")
+    # vLLM's tokenizer endpoints (lm-evaluation-harness's remote tokenizer uses them)
+    @fastapi_app.post("/tokenize", openapi_extra=doc.body(TokenizeRequest, budget_headers=False),
+                      responses={200: {"model": TokenizeResponse}, **doc.errors(400, 401, 404, 413, 503)})
+    async def tokenize(self, request: Request) -> Response:
+        return _to_response(await self.serving.tokenize(await request.body()))
+
+    @fastapi_app.post("/detokenize", openapi_extra=doc.body(DetokenizeRequest, budget_headers=False),
+                      responses={200: {"model": DetokenizeResponse}, **doc.errors(400, 401, 404, 413, 503)})
+    async def detokenize(self, request: Request) -> Response:
+        return _to_response(await self.serving.detokenize(await request.body()))
+
+    @fastapi_app.get("/tokenizer_info", responses={200: {"model": TokenizerInfo}, **doc.errors(400, 401, 404, 503)})
+    async def tokenizer_info(self, model: str | None = Query(None, description="needed when several chat "
+                                                                                 "models are served")) -> Response:
+        return _to_response(await self.serving.tokenizer_info(model))
+
+    @fastapi_app.get("/health", responses={200: {"model": HealthStatus}, 401: doc.errors(401)[401]})
     async def health(self) -> Response:
         return JSONResponse({"status": "ok"})
 
-    @fastapi_app.get("/ready")
+    @fastapi_app.get("/ready", responses={200: {"model": ReadyStatus}, 503: {"model": ReadyStatus, "description": (
+        "not ready"), "headers": {"Retry-After": {"schema": {"type": "string"}}}}, 401: doc.errors(401)[401]})
     async def ready(self) -> Response:
         ok, body = await self.serving.ready()
         return JSONResponse(body, status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "5"})
 
-    @fastapi_app.get("/metrics")
+    @fastapi_app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                                  "description": "Prometheus text: the stitchserve_* metrics"},
+                                            **doc.errors(401, 404)})
     async def metrics(self) -> Response:
         if not self.cfg.relay_metrics:
             return _error_response(ServingError(404, "metrics relay is off; scrape Ray's metrics export port"))

@@ -26,6 +26,7 @@ from .budget import Budget, BudgetError, try_parse_budget
 from .config import PaletteDeploymentConfig
 from .engine import EngineClient, EngineError, GenerationRow, RuntimeEngine, StepStats
 from .latency import LatencyTracker
+from .logprobs import make_entry
 from .metrics import (EngineStepStats, RayServeStatLogger, RequestStats, SchedulerStats, StatLogger,
                       StitchLatencyStats)
 from .protocol import ClassifyInput, GenerateInput, StitchCard, StitchStatus
@@ -53,12 +54,14 @@ class IncrementalDetokenizer:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
         self.text = ""
+        self.decoded_len = 0  # characters of decode(ids), a trailing U+FFFD included: the next token's offset
         self.emitted = 0
         self.stopped = False
 
     def push(self, tok: int) -> str:
         self.ids.append(tok)
         text = self._decode(self.ids)
+        self.decoded_len = len(text)
         if text.endswith("\ufffd"):
             return ""
         self.text = text
@@ -203,11 +206,18 @@ class PaletteServer:
         return out
 
     def _route(self, budget_text: str | None, strict: bool, *, prompt_tokens: int, max_tokens: int,
-               rows: int = 1) -> tuple[RouteDecision, Budget] | dict[str, Any]:
+               rows: int = 1, pin: str | None = None) -> tuple[RouteDecision, Budget] | dict[str, Any]:
+        """Best stitch for the budget; with `pin` (X-Stitch-Id) that stitch, still checked against the
+        budget (X-Budget-Met, or 422 under a strict policy)."""
         budget = self._budget(budget_text)
         if isinstance(budget, BudgetError):
             return error_value(400, str(budget), param="X-Compute-Budget")
         cands = self._candidates(prompt_tokens=prompt_tokens, max_tokens=max_tokens, rows=rows)
+        if pin is not None:
+            cands = [c for c in cands if c.id == pin]
+            if not cands:
+                return error_value(400, f"X-Stitch-Id {pin!r} is not a deployed stitch of model {self.model!r}; "
+                                        f"deployed: {', '.join(self.stitch_info)}", param="X-Stitch-Id")
         decision = select_stitch(cands, budget, strict=strict, percent_basis=self.cfg.percent_basis)
         if isinstance(decision, NoStitchFits):
             return error_value(422, decision.message, type="budget_not_met", param="X-Compute-Budget",
@@ -240,14 +250,19 @@ class PaletteServer:
         """Stream: one `route` item (or one error value), then `delta` items, then one `final` item."""
         req = GenerateInput.model_validate(inp)
         t_arrival = time.perf_counter()
+        text = req.prompt
         try:
-            text = self.engine.render_chat(req.messages) if req.messages is not None else req.prompt
-            ids = self.engine.encode(text or "")
+            if req.messages is not None:
+                text = self.engine.render_chat(req.messages)
+            ids = list(req.prompt_ids) if req.prompt_ids is not None else self.engine.encode(text or "")
         except Exception as e:  # a template the messages do not fit
             yield error_value(400, f"cannot build the prompt: {e}", param="messages")
             return
         if not ids:
             yield error_value(400, "the prompt is empty", param="prompt")
+            return
+        if any(not 0 <= t < self.engine.vocab_size for t in ids):
+            yield error_value(400, f"prompt token ids must lie in [0, {self.engine.vocab_size})", param="prompt")
             return
         if len(ids) > self.prompt_limit:
             yield error_value(400, f"the prompt has {len(ids)} tokens, over this model's limit of "
@@ -270,7 +285,7 @@ class PaletteServer:
         if (err := self._admit()) is not None:
             yield err
             return
-        routed = self._route(req.budget, req.strict, prompt_tokens=len(ids), max_tokens=max_tokens)
+        routed = self._route(req.budget, req.strict, prompt_tokens=len(ids), max_tokens=max_tokens, pin=req.stitch)
         if isinstance(routed, dict):
             yield routed
             return
@@ -281,8 +296,10 @@ class PaletteServer:
 
         from stitchlib.runtime import SamplingParams
 
+        want_lp = req.logprobs is not None
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                seed=req.seed)
+                                seed=req.seed, logprobs=req.logprobs,
+                                prompt_logprobs=req.logprobs if req.echo else None)
         row = _Row(req.request_id, sid)
         self._live[row.request_id] = row
         self.tracker.begin(sid)
@@ -301,33 +318,53 @@ class PaletteServer:
         finish = None
         # Deltas are coalesced: every item crossing Ray to the ingress costs CPU on the replica, so a
         # stream sends the first delta at once and then at most one per stream_interval_s; a plain
-        # request sends its text in one piece.
+        # request sends its text in one piece. With logprobs, a delta carries the entries of the
+        # tokens produced since the last one (every output token has one, text or not).
         pending: list[str] = []
+        entries: list[dict[str, Any]] = []
+        base = 0  # where the output starts in the choice's text (after the echoed prompt)
+
+        def delta_item() -> dict[str, Any]:
+            item = {"type": "delta", "text": "".join(pending)}
+            if want_lp:
+                item["logprobs"] = list(entries)
+            pending.clear()
+            entries.clear()
+            return item
+
         sent_any, last_sent = False, 0.0
         try:
             async for tok in stream:
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
+                    if req.echo:  # the prompt leads the choice's text (and its logprobs arrive with token 1)
+                        prompt_text = text if text is not None else self.engine.decode(ids)
+                        pending.append(prompt_text)
+                        if want_lp:
+                            entries.extend(self._prompt_entries(ids, stream.prompt_logprobs))
+                        base = len(prompt_text)
                 else:
                     itl.append(now - t_prev)
                 t_prev = now
                 n_out += 1
+                offset = base + detok.decoded_len
                 delta = detok.push(tok)
+                if want_lp:
+                    entries.append(make_entry(self.engine.token_bytes, stream.logprobs[-1], tok, offset))
                 if delta:
                     pending.append(delta)
                 if detok.stopped:
                     finish = "stop"
                     break
                 if pending and req.stream and (not sent_any or now - last_sent >= self.cfg.stream_interval_s):
-                    yield {"type": "delta", "text": "".join(pending)}
-                    pending.clear()
+                    yield delta_item()
                     sent_any, last_sent = True, now
             if finish is None:
                 finish = "length" if stream.finish_reason == "length" else "stop"
             pending.append(detok.flush())
-            if "".join(pending):
-                yield {"type": "delta", "text": "".join(pending)}
+            if "".join(pending) or entries:
+                yield delta_item()
             yield {"type": "final", "finish_reason": finish,
                    "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out,
                              "total_tokens": len(ids) + n_out}}
@@ -345,6 +382,12 @@ class PaletteServer:
                 self.model, sid, len(ids), n_out, time.perf_counter() - t_arrival,
                 queue_s=(stream.started - row.admitted) if stream.started else None,
                 ttft_s=(t_first - t_arrival) if t_first else None, itl_s=itl))
+
+    def _prompt_entries(self, ids: list[int], lps: list[Any] | None) -> list[dict[str, Any]]:
+        """Echoed prompt tokens as logprob entries (the first has no logprob), with their text offsets."""
+        lps = lps or [None] * len(ids)
+        return [make_entry(self.engine.token_bytes, lp, t, len(self.engine.decode(ids[:j])))
+                for j, (t, lp) in enumerate(zip(ids, lps))]
 
     # ---- classification ---------------------------------------------------------------------------
     def _make_cls_batch(self, sid: str):
@@ -369,7 +412,8 @@ class PaletteServer:
                                     f"of {self.prompt_limit}", type="context_length_exceeded", param="input")
         if (err := self._admit()) is not None:
             return err
-        routed = self._route(req.budget, req.strict, prompt_tokens=max(lens), max_tokens=1, rows=len(req.texts))
+        routed = self._route(req.budget, req.strict, prompt_tokens=max(lens), max_tokens=1, rows=len(req.texts),
+                             pin=req.stitch)
         if isinstance(routed, dict):
             return routed
         decision, budget = routed
@@ -394,6 +438,22 @@ class PaletteServer:
                 "results": results, "prompt_tokens": sum(lens)}
 
     # ---- introspection ----------------------------------------------------------------------------
+    # ---- tokenizer ---------------------------------------------------------------------------------
+    async def tokenize(self, prompt: str | None, messages: list[dict[str, str]] | None,
+                       add_special_tokens: bool = False, add_generation_prompt: bool = True) -> dict[str, Any]:
+        if messages is not None:
+            prompt = self.engine.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        ids = self.engine.encode(prompt or "", add_special_tokens=add_special_tokens)
+        return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids}
+
+    async def detokenize(self, tokens: list[int]) -> dict[str, Any]:
+        if any(not 0 <= t < self.engine.vocab_size for t in tokens):
+            return error_value(400, f"token ids must lie in [0, {self.engine.vocab_size})", param="tokens")
+        return {"prompt": self.engine.decode(tokens)}
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        return {"model": self.model, **self.engine.tokenizer_info()}
+
     async def info(self) -> dict[str, Any]:
         return {"model": self.model, "task": self.task, "labels": self.engine.labels,
                 "max_context": self.engine.max_context, "stitches": len(self.stitch_info), "replica": self.replica}

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .logprobs import token_bytes_fn
 from .scheduler import EngineError, EngineLoop, GenerationStream, StepStats
 
 __all__ = ["EngineClient", "EngineError", "GenerationRow", "GenerationStream", "RuntimeEngine", "StepStats",
@@ -38,6 +39,7 @@ class EngineClient(ABC):
     max_context: int  # the model's context
     max_seq_len: int  # positions one generation request may use here (prompt + output)
     max_slots: int  # rows decoded together
+    vocab_size: int  # token ids the model accepts (its embedding rows; may exceed the tokenizer's)
     stitches: list[Any]  # stitchlib.runtime.StitchInfo, cheapest first
     stitch_parts: dict[str, dict[str, int]]  # stitch -> weight part -> parameters a decode step reads
     eos_ids: set[int]
@@ -77,13 +79,21 @@ class EngineClient(ABC):
         """A saved table (`stitchserve profile`) for this palette and hardware, or why it does not fit."""
 
     @abstractmethod
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
 
     @abstractmethod
-    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (part of a UTF-8 character, possibly), for logprobs."""
+
+    @abstractmethod
+    def tokenizer_info(self) -> dict[str, Any]:
+        """eos/bos/pad tokens, chat template, class: what a remote tokenizer client needs."""
+
+    @abstractmethod
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
 
     @abstractmethod
     async def shutdown(self) -> None: ...
@@ -114,10 +124,12 @@ class RuntimeEngine(EngineClient):
         self.max_context = runtime.max_context
         self.max_seq_len = min(runtime.max_context, max_seq_len or runtime.max_context)
         self.max_slots = max_slots
+        self.vocab_size = min(runtime.model.small_anchor.stats.vocab_size, runtime.model.large_anchor.stats.vocab_size)
         self.prefill_chunk = prefill_chunk
         self.stitches = list(runtime.stitches)
         self.stitch_parts = {s.id: decode_parts(runtime.model, s.id) for s in self.stitches}
         self.eos_ids = set(runtime.eos_token_ids)
+        self._token_bytes = token_bytes_fn(runtime.tokenizer)
         self._loop = EngineLoop(self._build, thread_init=_init_thread)
 
     @classmethod
@@ -145,14 +157,24 @@ class RuntimeEngine(EngineClient):
         self._loop.on_step = fn
 
     # ---- text ----------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.rt.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.rt.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self.rt.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return self.rt.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.rt.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._token_bytes(token_id)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        tok = self.rt.tokenizer
+        template = tok.chat_template if isinstance(tok.chat_template, str) else None
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "chat_template": template, "model_max_length": self.max_context}
 
     # ---- generation ----------------------------------------------------------------------------
     def stream(self, row: GenerationRow, stitch_id: str) -> GenerationStream:

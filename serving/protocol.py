@@ -1,16 +1,22 @@
 """OpenAI-compatible request/response models (field order as OpenAI's), plus stitchserve's extensions
-in marked blocks. Unknown request fields are ignored (OpenAI SDKs send more than we use); fields we
-accept but cannot honour are validated here so the router can answer 400.
+in marked blocks. These models validate every request body AND are the OpenAPI schema (`app.py`).
+
+Unknown request fields are ignored (OpenAI SDKs and harnesses send more than we use). OpenAI fields we
+do not implement (tools, response_format json, n > 1, penalties, ...) are declared with the only values
+we honour, so the schema says what is accepted, and a request that uses them is refused with one 400
+naming every such field: never a silent 200 that ignored them.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 20 for chat; vLLM's default limit for both)
 
 
 def random_id(prefix: str) -> str:
@@ -23,14 +29,26 @@ class OpenAIBaseModel(BaseModel):
 
 # ---- errors -----------------------------------------------------------------------------------
 class ErrorInfo(OpenAIBaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int | None = None
+    message: str = Field(description="what is wrong, and what is accepted")
+    type: str = Field(description="invalid_request_error, invalid_budget, budget_not_met, model_not_found, "
+                                  "context_length_exceeded, authentication_error, queue_full, unavailable, "
+                                  "timeout, internal_error")
+    param: str | None = Field(None, description="the body field or header at fault")
+    code: int | None = Field(None, description="the HTTP status")
 
 
 class ErrorResponse(OpenAIBaseModel):
+    """Every non-2xx answer (and an error event inside an SSE stream)."""
+
     error: ErrorInfo
+
+
+# ---- fields we do not implement ---------------------------------------------------------------
+def _unset(v: Any) -> bool:
+    return v is None or v == 0 or v == [] or v == {} or v == ""
+
+
+_NOT_SUPPORTED = "Not supported by stitchserve: any other value is refused with 400."
 
 
 # ---- shared pieces ----------------------------------------------------------------------------
@@ -64,25 +82,38 @@ class StitchCard(OpenAIBaseModel):
 class _SamplingFields(OpenAIBaseModel):
     """The sampling parameters chat and completions share, with OpenAI's ranges."""
 
+    UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
+        "n": (lambda v: v in (None, 1), "n > 1: one choice per request, only n=1"),
+        "frequency_penalty": (_unset, "penalties"),
+        "presence_penalty": (_unset, "penalties"),
+        "logit_bias": (_unset, "logit_bias"),
+    }
+
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=1, description="only 1. " + _NOT_SUPPORTED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="only 0. " + _NOT_SUPPORTED)
+    presence_penalty: float | None = Field(None, ge=0, le=0, description="only 0. " + _NOT_SUPPORTED)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="only empty. " + _NOT_SUPPORTED)
     user: str | None = None
     # --- stitchserve extensions ---------------------------------------------------------------
     compute_budget: str | None = Field(
         None, description="X-Compute-Budget in the body; the header wins when both are given")
 
-    @field_validator("n")
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
+    def unsupported(cls, data: dict[str, Any]) -> tuple[str, str] | None:
+        """(message, first field) naming every field of a raw body that asks for something we do not
+        implement; None when there is none. Checked before validation, so one 400 names them all."""
+        used = [(name, why) for name, (ok, why) in cls.UNSUPPORTED.items() if name in data and not ok(data[name])]
+        if not used:
+            return None
+        return ("unsupported request fields: " + "; ".join(f"{n} ({why})" for n, why in used) +
+                ". stitchserve does not implement them: remove them from the request", used[0][0])
 
     @field_validator("stop")
     @classmethod
@@ -116,13 +147,49 @@ class ChatMessage(OpenAIBaseModel):
         return "".join(p.text for p in self.content)
 
 
+class ResponseFormatText(OpenAIBaseModel):
+    type: Literal["text"]
+
+
 class ChatCompletionRequest(_SamplingFields):
+    UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
+        **_SamplingFields.UNSUPPORTED,
+        "tools": (_unset, "tool calling"),
+        "tool_choice": (lambda v: v in (None, "none"), "tool calling"),
+        "functions": (_unset, "function calling"),
+        "function_call": (lambda v: v in (None, "none"), "function calling"),
+        "response_format": (lambda v: v is None or v == {"type": "text"}, "structured output: only {'type': 'text'}"),
+        "audio": (lambda v: v is None, "audio output"),
+        "modalities": (lambda v: v is None or v == ["text"], "modalities other than text"),
+        "prediction": (lambda v: v is None, "predicted outputs"),
+        "web_search_options": (lambda v: v is None, "web search"),
+        "reasoning_effort": (lambda v: v is None, "reasoning models"),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
+    logprobs: bool = Field(False, description="return the log-probability of each output token (from the "
+                                              "logits before temperature and top-p)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the most likely "
+                                                                            "tokens at each position, with theirs")
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="only empty. " + _NOT_SUPPORTED)
+    tool_choice: Literal["none"] | None = Field(None, description="only 'none'. " + _NOT_SUPPORTED)
+    functions: list[dict[str, Any]] | None = Field(None, max_length=0, description="only empty. " + _NOT_SUPPORTED)
+    function_call: Literal["none"] | None = Field(None, description="only 'none'. " + _NOT_SUPPORTED)
+    response_format: ResponseFormatText | None = Field(None, description="only {'type': 'text'}. " + _NOT_SUPPORTED)
+    audio: None = Field(None, description=_NOT_SUPPORTED)
+    modalities: list[Literal["text"]] | None = Field(None, description="only ['text']. " + _NOT_SUPPORTED)
+    prediction: None = Field(None, description=_NOT_SUPPORTED)
+    web_search_options: None = Field(None, description=_NOT_SUPPORTED)
+    reasoning_effort: None = Field(None, description=_NOT_SUPPORTED)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def top_k_logprobs(self) -> int | None:
+        """Alternatives per output token when logprobs are requested, else None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ChatResponseMessage(OpenAIBaseModel):
@@ -130,10 +197,25 @@ class ChatResponseMessage(OpenAIBaseModel):
     content: str
 
 
+class TopLogprob(OpenAIBaseModel):
+    token: str = Field(description="the token's text ('bytes:\\xNN...' when it is not whole UTF-8)")
+    logprob: float
+    bytes: list[int] | None = Field(description="the token's UTF-8 bytes")
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="the top_logprobs most likely tokens, most likely first")
+
+
+class ChoiceLogprobs(OpenAIBaseModel):
+    content: list[ChatCompletionTokenLogprob] | None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
+
+
 class ChatCompletionChoice(OpenAIBaseModel):
     index: int = 0
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -156,7 +238,7 @@ class DeltaMessage(OpenAIBaseModel):
 class ChatCompletionStreamChoice(OpenAIBaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -172,16 +254,30 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 
 
 # ---- completions -------------------------------------------------------------------------------
+TokenIds = list[int]  # a prompt given as token ids (lm-evaluation-harness sends these)
+
+
 class CompletionRequest(_SamplingFields):
+    UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
+        **_SamplingFields.UNSUPPORTED,
+        "best_of": (lambda v: v in (None, 1), "best_of > 1"),
+        "suffix": (_unset, "suffix (insertion)"),
+    }
+
     model: str
-    prompt: str | list[str]
-    echo: bool = False
-    suffix: str | None = None
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="one prompt: text, or token ids (as a one-element list of either, too)")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1. " + _NOT_SUPPORTED)
+    echo: bool = Field(False, description="return the prompt before the completion (with its logprobs when "
+                                          "logprobs is set; the first prompt token has none)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="return each token's log-probability "
+                                 "and the `logprobs` most likely tokens at its position (logits before temperature)")
+    suffix: str | None = Field(None, max_length=0, description="only empty. " + _NOT_SUPPORTED)
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
+    def _one_prompt(cls, v: str | list) -> str | TokenIds:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
             if len(v) != 1:
                 raise ValueError("exactly one prompt per request is supported")
             v = v[0]
@@ -189,21 +285,24 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> None:
-        if v:
-            raise ValueError("suffix is not supported")
-        return None
-
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class CompletionLogprobs(OpenAIBaseModel):
+    """OpenAI's legacy completions logprobs: one entry per token of `text` (with echo, the prompt's first;
+    the first prompt token has no logprob and no alternatives)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int] = Field(description="each token's first character in `text`")
 
 
 class CompletionChoice(OpenAIBaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -312,6 +411,7 @@ class GenerateInput(BaseModel):
     request_id: str
     messages: list[dict[str, str]] | None = None  # chat: rendered with the palette's chat template
     prompt: str | None = None  # completions: raw text
+    prompt_ids: list[int] | None = None  # completions: token ids, used as they are
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -319,12 +419,15 @@ class GenerateInput(BaseModel):
     stop: list[str] = Field(default_factory=list)
     budget: str | None = None  # header text; the replica parses (it was validated at the ingress)
     strict: bool = False
+    stitch: str | None = None  # X-Stitch-Id: serve on this stitch (the budget is still checked against it)
     stream: bool = True  # False: the replica sends the text in one piece (one Ray item, not one per token)
+    logprobs: int | None = None  # per output token: its logprob and this many alternatives (None: off)
+    echo: bool = False  # the prompt text comes first, with its logprobs when `logprobs` is set
 
     @model_validator(mode="after")
     def _one_source(self) -> "GenerateInput":
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("exactly one of messages / prompt")
+        if sum(x is not None for x in (self.messages, self.prompt, self.prompt_ids)) != 1:
+            raise ValueError("exactly one of messages / prompt / prompt_ids")
         return self
 
 
@@ -333,4 +436,46 @@ class ClassifyInput(BaseModel):
     texts: list[str]
     budget: str | None = None
     strict: bool = False
+    stitch: str | None = None
+
+
+# ---- tokenizer endpoints (vLLM's shapes: lm-evaluation-harness's remote tokenizer uses them) -------
+class TokenizeRequest(OpenAIBaseModel):
+    model: str | None = Field(None, description="may be omitted when one chat palette is served")
+    prompt: str | None = Field(None, description="text to tokenize (or messages)")
+    messages: list[ChatMessage] | None = Field(None, description="rendered with the chat template first")
+    add_special_tokens: bool = False
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt / messages")
+        return self
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = Field(None, description="may be omitted when one chat palette is served")
+    tokens: list[int] = Field(description="token ids")
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
+
+
+class TokenizerInfo(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str | None
+    model_max_length: int
 

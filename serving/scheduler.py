@@ -83,6 +83,9 @@ class GenerationStream:
         self._seq = seq
         self.finish_reason: str | None = None
         self._error: BaseException | None = None
+        # when the request's SamplingParams asked for them (stitchlib.sampling.TokenLogprob):
+        self.logprobs: list[Any] = []  # one per token yielded so far
+        self.prompt_logprobs: list[Any] | None = None  # set with the first token
 
     @property
     def request_id(self) -> str:
@@ -111,9 +114,13 @@ class GenerationStream:
         if isinstance(item, BaseException):
             self._error = item
             raise item
-        tok, finish = item
+        tok, finish, lp, prompt_lp = item
         if finish is not None:
             self.finish_reason = finish
+        if lp is not None:
+            self.logprobs.append(lp)
+        if prompt_lp is not None:
+            self.prompt_logprobs = prompt_lp
         return tok
 
     def close(self) -> None:
@@ -219,7 +226,10 @@ class EngineLoop:
                 seq.started = t0
             if seq.done:  # closed by its consumer meanwhile
                 continue
-            seq.queue.put_nowait(item if isinstance(item, BaseException) else (item, finish))
+            if isinstance(item, BaseException):
+                seq.queue.put_nowait(item)
+            else:  # item: (token, its logprob or None, the prompt logprobs or None)
+                seq.queue.put_nowait((item[0], finish, item[1], item[2]))
             if finish is not None or isinstance(item, BaseException):
                 seq.done = True
                 self._by_request.pop(seq.request_id, None)
@@ -315,12 +325,13 @@ class EngineLoop:
                          "max_stitches_per_step": max(c["max_stitches_per_step"], len(decode)),
                          "max_rows_per_step": max(c["max_rows_per_step"], sum(decode.values()))}
         groups: dict[asyncio.AbstractEventLoop, list] = {}
+        lps, prompt_lps = eng.last_logprobs, eng.last_prompt_logprobs
         for rid, tok in out.items():
             seq = self._by_rid[rid]
             fin = finished.get(rid)
             if fin is not None:
                 del self._by_rid[rid]
-            groups.setdefault(seq.loop, []).append((seq, tok, fin))
+            groups.setdefault(seq.loop, []).append((seq, (tok, lps.get(rid), prompt_lps.get(rid)), fin))
         if not groups and self._by_rid:  # a step that only prefilled chunks: its stats still count
             groups[next(iter(self._by_rid.values())).loop] = []
         self._post(groups, stats, t0)

@@ -18,6 +18,8 @@ from .palette import PaletteManifest, StitchEntry, load_palette, read_manifest
 
 log = logging.getLogger(__name__)
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+
 
 class SamplingParams(BaseModel):
     max_tokens: int = Field(16, ge=1)
@@ -25,6 +27,12 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=(
+        "per generated token: its log-probability and the `logprobs` most likely alternatives, from the "
+        "raw logits (before temperature and top-p); None: none"))
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=(
+        "per prompt token after the first: its log-probability given the tokens before it, and the "
+        "`prompt_logprobs` most likely alternatives; None: none"))
 
 
 class StitchInfo(StitchEntry):

@@ -1,9 +1,13 @@
 """Next-token selection: greedy, temperature and top-p (nucleus), per row, reproducible under a seed.
 
+`token_logprobs` reports what a row's logits gave each token (OpenAI's `logprobs`).
+
 Rows of one batch may carry different temperatures / top-p values and their own generators, so a
 request's output depends only on its own seed, never on who it was batched with.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -42,3 +46,29 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
     return g
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (natural log, raw logits: before temperature and
+    top-p, as OpenAI reports them) and the `k` most likely tokens at that position, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: list[int]) -> list[TokenLogprob]:
+    """logits: [N, V]; tokens: [N] (the token taken at each position); k: top alternatives per row.
+
+    One host transfer for all rows. The chosen token's value and the top values come from the same
+    float32 log-softmax, so a greedy token's logprob equals its top-1 value exactly (harnesses test that)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    chosen = lp.gather(-1, tokens.view(-1, 1).to(lp.device)).view(-1).tolist()
+    kmax = max(k, default=0)
+    if kmax:
+        top_v, top_i = lp.topk(min(kmax, lp.shape[-1]), dim=-1)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+    toks = tokens.view(-1).tolist()
+    return [TokenLogprob(t, c, tuple(zip(top_i[r][:k[r]], top_v[r][:k[r]])) if k[r] else ())
+            for r, (t, c) in enumerate(zip(toks, chosen))]

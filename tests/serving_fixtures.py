@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
 SMALL_PROFILE = {"prompt_len": 8, "decode_steps": 3, "batch_sizes": [1, 4]}
@@ -110,6 +112,23 @@ def start_serving(root: Path) -> Served:
     _SERVED = Served(f"http://127.0.0.1:{http_port}", API_KEY, metrics_port, palettes, cfg,
                      {"startup_s": time.time() - t0})
     return _SERVED
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """The shared application (import this fixture into a test module)."""
+    s = start_serving(tmp_path_factory.mktemp("serving"))
+    yield s
+    stop_serving()
+
+
+@pytest.fixture(scope="session")
+def http(served):
+    """An httpx client with the API key."""
+    import httpx
+
+    with httpx.Client(base_url=served.base_url, headers=served.auth, timeout=60) as c:
+        yield c
 
 
 def stop_serving() -> None:

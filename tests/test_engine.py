@@ -55,13 +55,8 @@ def _run(engine, jobs):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes are overhead-bound: one intra-op thread avoids OpenMP spin-waiting on a shared
-    2-core machine (7x faster here). Results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

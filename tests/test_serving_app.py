@@ -14,26 +14,13 @@ import openai
 import pytest
 
 from serving.budget import GRAMMAR
-from serving_fixtures import API_KEY, scrape, start_serving, stop_serving, total
+from serving_fixtures import API_KEY, http, scrape, served, total  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
 
 CHAT = "tinychat"
 CLS = "tinycls"
 HI = [{"role": "user", "content": "Say hi."}]
-
-
-@pytest.fixture(scope="session")
-def served(tmp_path_factory):
-    s = start_serving(tmp_path_factory.mktemp("serving"))
-    yield s
-    stop_serving()
-
-
-@pytest.fixture(scope="session")
-def http(served):
-    with httpx.Client(base_url=served.base_url, headers=served.auth, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ def test_chat_request_accepts_openai_shapes():
 
 
 @pytest.mark.parametrize("patch, needle", [
-    ({"n": 2}, "n=1"), ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"), ({"stop": [""]}, "empty"),
+    ({"n": 2}, "less than or equal to 1"), ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"), ({"stop": [""]}, "empty"),
     ({"temperature": -1}, "greater than or equal"), ({"top_p": 0}, "greater than"), ({"messages": []}, "at least 1"),
     ({"max_tokens": 0}, "greater than or equal"), ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
 ])
@@ -30,6 +30,21 @@ def test_chat_request_rejects(patch, needle):
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], **patch}
     with pytest.raises(ValidationError, match=needle):
         ChatCompletionRequest.model_validate(body)
+
+
+def test_unsupported_fields_named_before_validation():
+    """The ingress asks `unsupported()` first, so one 400 names every field we do not implement; the
+    pydantic constraints say the same in the schema (only the neutral value validates)."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3, "tools": [{"type": "function"}],
+            "response_format": {"type": "json_schema"}, "tool_choice": "auto", "audio": {"voice": "x"}}
+    msg, first = ChatCompletionRequest.unsupported(body)
+    assert first == "n" and all(f in msg for f in ("n (", "tools", "response_format", "tool_choice", "audio"))
+    neutral = {**body, "n": 1, "tools": [], "response_format": {"type": "text"}, "tool_choice": "none", "audio": None}
+    assert ChatCompletionRequest.unsupported(neutral) is None
+    ChatCompletionRequest.model_validate(neutral)
+    assert CompletionRequest.unsupported({"best_of": 2, "suffix": "x"})[1] == "best_of"
+    assert CompletionRequest(model="m", prompt=[[1, 2]]).prompt == [1, 2]
+    assert CompletionRequest(model="m", prompt=[3, 4]).prompt == [3, 4]
 
 
 def test_completion_and_classify_requests():

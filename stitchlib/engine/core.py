@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from ..model import StitchedLM
 from ..runtime import SamplingParams
-from ..sampling import make_generator, top_p_filter
+from ..sampling import TokenLogprob, make_generator, token_logprobs, top_p_filter
 from ..space import Stitch
 from .cache import StaticKVCache
 from .plan import RoutePlan, build_plan
@@ -80,6 +80,8 @@ class Request:
     produced: int = 0
     tokens: list[int] = field(default_factory=list)
     finished: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token, first None
 
     @property
     def prefilling(self) -> bool:
@@ -130,6 +132,10 @@ class StitchEngine:
         self.last_finished: dict[int, FinishReason] = {}
         self.last_prefill: dict[str, int] = {}  # stitch id -> padded prompt tokens prefilled in the last step
         self.last_decoded: dict[str, int] = {}  # stitch id -> rows the last step decoded (prefilling ones included)
+        # Requests that asked for them: the logprob of the token the last step gave them, and the prompt
+        # logprobs of those whose prompt the last step completed.
+        self.last_logprobs: dict[int, TokenLogprob] = {}
+        self.last_prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self._next_rid = 0
         self._plans: OrderedDict[tuple[int, ...], RoutePlan] = OrderedDict()
         use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
@@ -184,6 +190,7 @@ class StitchEngine:
         """Advance every active request by one token. -> {request id: token}. Requests that finished
         in this step are listed with their reason in `last_finished` and are gone afterwards."""
         self.last_finished, self.last_prefill, self.last_decoded = {}, {}, {}
+        self.last_logprobs, self.last_prompt_logprobs = {}, {}
         out: dict[int, int] = {}
         if len(self.prefilling) < len(self.rows):  # someone is decoding
             running = list(self.rows)
@@ -272,6 +279,7 @@ class StitchEngine:
                 logits = self.runner.forward(self.tokens[:B, None], self.lengths[:B, None], slice(0, B), plan,
                                              kv_len)
             tok = self._sample(logits[:n] if B > n else logits, self.rows)
+            self._logprobs(logits, tok, self.rows)
         self.tokens[:n] = tok
         self.lengths[:n] += 1
         for r in self.rows:
@@ -303,6 +311,32 @@ class StitchEngine:
             return sampled
         tok[torch.tensor(idx, device=dev)] = sampled
         return tok
+
+    def _logprobs(self, logits: torch.Tensor, tok: torch.Tensor, reqs: list[Request]) -> None:
+        """Logprobs of the tokens just taken, for the (non-prefilling) rows that asked for them;
+        logits: [>= len(reqs), V] raw, tok: [len(reqs)]."""
+        idx = [i for i, r in enumerate(reqs) if r.params.logprobs is not None and not r.prefilling]
+        if not idx:
+            return
+        sel = torch.tensor(idx, device=logits.device)
+        for i, lp in zip(idx, token_logprobs(logits[sel], tok[sel], [reqs[i].params.logprobs for i in idx])):
+            reqs[i].logprobs.append(lp)
+            self.last_logprobs[reqs[i].rid] = lp
+
+    def _prompt_logprobs(self, full: dict[int, torch.Tensor], pieces: list[tuple[Request, int]],
+                         start: list[int]) -> None:
+        """Prompt logprobs from the logits at every position of a prefill piece: position p scores
+        prompt token p+1 (the last position of a finished prompt scores the first output token, not here)."""
+        for i, logits in full.items():
+            r, n = pieces[i]
+            if start[i] == 0:
+                r.prompt_logprobs.append(None)  # the first token has no context to be scored against
+            m = min(n, len(r.prompt) - 1 - start[i])  # positions whose next token is still prompt
+            if m > 0:
+                targets = torch.tensor(r.prompt[start[i] + 1: start[i] + 1 + m], device=logits.device)
+                r.prompt_logprobs += token_logprobs(logits[:m], targets, [r.params.prompt_logprobs] * m)
+            if not r.prefilling:
+                self.last_prompt_logprobs[r.rid] = r.prompt_logprobs
 
     def _emit(self, req: Request, tok: int, out: dict[int, int]) -> None:
         out[req.rid] = tok
@@ -376,9 +410,20 @@ class StitchEngine:
             r.length = e
             self.last_prefill[r.stitch.id] = self.last_prefill.get(r.stitch.id, 0) + T
         done = [i for i, (r, _) in enumerate(pieces) if not r.prefilling]
+        scored = [i for i, (r, _) in enumerate(pieces) if r.params.prompt_logprobs is not None]
         with self._lock:
-            logits = self.runner.forward(ids, pos, cache_rows, plan, self._kv_len(max(end)), last=last)
-            tok = self._sample(logits[done] if len(done) < B else logits, [pieces[i][0] for i in done]) if done else None
+            if scored:
+                logits, full = self.runner.forward_with_rows(ids, pos, cache_rows, plan, self._kv_len(max(end)),
+                                                             last, scored)
+                self._prompt_logprobs(full, pieces, start.tolist())
+            else:
+                logits = self.runner.forward(ids, pos, cache_rows, plan, self._kv_len(max(end)), last=last)
+            tok = None
+            if done:
+                reqs = [pieces[i][0] for i in done]
+                sub = logits[done] if len(done) < B else logits
+                tok = self._sample(sub, reqs)
+                self._logprobs(sub, tok, reqs)
         self.lengths[cache_rows] = torch.tensor(end, dtype=torch.long, device=self.device)
         if tok is None:
             return

@@ -55,6 +55,26 @@ class StitchRunner:
         """tokens, pos: [B, T] (pos = each token's position in its row); cache_rows: the cache slots
         of the B rows; last: [B] index of the token whose logits are wanted (default T-1).
         Returns logits [B, V]. Writes K/V of every token at (its row's slot, its position)."""
+        h, hl = self.hidden(tokens, pos, cache_rows, plan, kv_len)
+        return self._heads(h, hl, plan, tokens.shape[0], last)
+
+    def forward_with_rows(self, tokens: torch.Tensor, pos: torch.Tensor, cache_rows: Sel, plan: RoutePlan,
+                          kv_len: int, last: torch.Tensor | None, rows: list[int]
+                          ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`forward`, plus the logits at EVERY position of the batch rows `rows`: {row: [T, V]} (prompt
+        logprobs). The LM head runs on those rows' T tokens only, not on the whole batch."""
+        h, hl = self.hidden(tokens, pos, cache_rows, plan, kv_len)
+        out = {}
+        for i in rows:
+            small = self.model.stitches[plan.key[i]].kind == "small"
+            anchor, x = (self.S, h) if small else (self.L, hl)
+            out[i] = anchor.lm_head(anchor.norm(x[i]))  # [T, V]
+        return self._heads(h, hl, plan, tokens.shape[0], last), out
+
+    def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, cache_rows: Sel, plan: RoutePlan,
+               kv_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every block of the batch: -> (small-anchor hidden [B, T, dS] of the rows ending there, large-anchor
+        hidden [B, T, dL] of the rows ending there), before the final norm; None where no row uses that anchor."""
         B, T = tokens.shape
         mask = (self.kv_arange[:kv_len] <= pos[..., None])[:, None]  # [B, 1, T, kv_len] causal over the row
         model = self.model
@@ -101,7 +121,7 @@ class StitchRunner:
                     hl = run("large", self.L.layers, self.caches["large"], hl, k, g, pe)
         finally:
             model.route.slots = None
-        return self._heads(h, hl, plan, B, last)
+        return h, hl
 
     def _heads(self, h: torch.Tensor, hl: torch.Tensor | None, plan: RoutePlan, B: int,
                last: torch.Tensor | None) -> torch.Tensor:
