@@ -67,12 +67,7 @@ def calibration_batches(tok, calib, source: str, n: int, max_len: int):
     else:
         exs = [docs[i] for i in random.Random(f"calib:{n}").sample(range(len(docs)), min(n, len(docs)))]
     recs = D.encode_chat(exs, tok, max_len)
-    pad = D.pad_token_id(tok)
-    out = []
-    for i in range(0, len(recs), 8):
-        b = D.collate(recs[i:i + 8], pad)
-        out.append((b["input_ids"], b["attention_mask"]))
-    return out
+    return [(b["input_ids"], b["attention_mask"]) for b in D.batched(recs, D.pad_token_id(tok), 8)]
 
 
 @torch.no_grad()

@@ -715,6 +715,14 @@ def collate(batch: Sequence[Mapping[str, Any]], pad_id: int, *,
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def batched(records: Sequence[Mapping[str, Any]], pad_id: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Records in their order, `batch_size` at a time, each group collated (right padding): the fixed
+    batches of calibration and evaluation (training's shuffled ones are `Batches`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [collate(records[i:i + batch_size], pad_id) for i in range(0, len(records), batch_size)]
+
+
 class Batches:
     """Seeded, resumable iterator of collated batches over shuffled epochs.
 

@@ -331,9 +331,7 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
         calib, val_examples = chat_calibration_split(list(chat_data), n_calibration=n_calibration,
                                                      n_validation=n_validation, seed=seed)
         recs = D.encode_chat(calib, tok, max_len)
-        pad = D.pad_token_id(tok)
-        batches = [(b["input_ids"], b["attention_mask"]) for b in
-                   (D.collate(recs[i:i + bs], pad) for i in range(0, len(recs), bs))]
+        batches = [(b["input_ids"], b["attention_mask"]) for b in D.batched(recs, D.pad_token_id(tok), bs)]
         calibration = {"data": list(chat_data), "template": "chat", "sequences": len(recs)}
     else:
         texts = calibration_texts or default_calibration_texts(n_calibration)

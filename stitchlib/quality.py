@@ -143,9 +143,5 @@ def chat_eval_batches(tokenizer, examples, *, max_len: int = 160, batch_size: in
     from . import data as D
 
     recs = sorted(D.encode_chat(examples, tokenizer, max_len), key=lambda r: len(r["input_ids"]))
-    pad = D.pad_token_id(tokenizer)
-    out = []
-    for i in range(0, len(recs), batch_size):
-        b = D.collate(recs[i:i + batch_size], pad)
-        out.append((b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device)))
-    return out
+    return [(b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device))
+            for b in D.batched(recs, D.pad_token_id(tokenizer), batch_size)]

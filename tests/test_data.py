@@ -15,7 +15,7 @@ import torch
 
 from stitchlib import data as D
 from stitchlib.data import (IGNORE_INDEX, Batches, ChatExample, ClassifyExample, build_pydocs,
-                            collate, encode_chat, encode_classify, encode_prompt, load_chat, load_classify,
+                            batched, collate, encode_chat, encode_classify, encode_prompt, load_chat, load_classify,
                             pad_token_id, render_prompt, split)
 from stitchlib.errors import DataError
 
@@ -280,6 +280,13 @@ def test_collate_pads_and_masks(tok):
     assert cls["labels"].tolist() == [1, 0] and cls["input_ids"].dtype == torch.long
     with pytest.raises(ValueError):
         collate([recs[0], {"input_ids": [1], "label": 0}], pad)
+    # fixed batches in record order, the last one short, each padded to its own longest record
+    five = [{"input_ids": [7] * n, "labels": [7] * n} for n in (2, 1, 3, 1, 4)]
+    groups = batched(five, pad, 2)
+    assert [g["input_ids"].shape for g in groups] == [(2, 2), (2, 3), (1, 4)]
+    assert [g["attention_mask"].sum().item() for g in groups] == [3, 4, 4]
+    with pytest.raises(ValueError, match="batch_size"):
+        batched(five, pad, 0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -98,11 +98,7 @@ def calibration_batches(cfg: TrainConfig, enc: Encoded, batch_size: int = 8):
     n = min(cfg.calib_size, len(enc.train))
     idx = random.Random(f"stitchserve-calib:{cfg.seed}").sample(range(len(enc.train)), n)
     recs = [enc.train[i] for i in idx]
-    out = []
-    for i in range(0, n, batch_size):
-        b = D.collate(recs[i:i + batch_size], enc.pad_id)
-        out.append((b["input_ids"], b["attention_mask"]))
-    return out
+    return [(b["input_ids"], b["attention_mask"]) for b in D.batched(recs, enc.pad_id, batch_size)]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
