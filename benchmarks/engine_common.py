@@ -55,27 +55,38 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
+def device_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Fastest of `repeats` runs of fn: CUDA events on a GPU (device time, no host launch gaps),
+    perf_counter on CPU."""
+    fn()  # warm-up
+    if device.type != "cuda":
+        return min(timed(fn, device) for _ in range(repeats))
+    best = float("inf")
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) / 1e3)
+    return best
+
+
 @torch.no_grad()
 def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> dict:
-    """Bytes/s of streaming memory: a bf16 reduction (reads N bytes) and a copy (reads N, writes N).
-    The floor uses the larger figure, i.e. the stricter target."""
-    bufs = [torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device), torch.empty(nbytes // 2,
-                                                                                       dtype=torch.bfloat16, device=device)]
-
-    def reduce() -> None:
-        bufs[0].sum(dtype=torch.float32)
-
-    def copy() -> None:
-        bufs[1].copy_(bufs[0])
-
-    reduce()
-    copy()
-    t_sum = min(timed(reduce, device) for _ in range(repeats))
-    t_copy = min(timed(copy, device) for _ in range(repeats))
-    bufs.clear()
+    """Bytes/s of streaming memory: a bf16 reduction (reads N bytes) and a copy (reads N, writes N),
+    over random data (constant data can be served faster than real weights). The floor uses the
+    larger figure, i.e. the stricter target."""
+    g = torch.Generator(device=device).manual_seed(0)
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device, generator=g)
+    dst = torch.empty_like(src)
+    t_sum = device_seconds(lambda: src.sum(dtype=torch.float32), device, repeats)
+    t_copy = device_seconds(lambda: dst.copy_(src), device, repeats)
+    del src, dst
     read = nbytes / t_sum
     copy = 2 * nbytes / t_copy
-    return {"bytes": nbytes, "read_GBps": read / 1e9, "copy_GBps": copy / 1e9, "used_GBps": max(read, copy) / 1e9}
+    return {"bytes": nbytes, "data": "random bf16", "timer": "cuda events" if device.type == "cuda" else "perf_counter",
+            "read_GBps": read / 1e9, "copy_GBps": copy / 1e9, "used_GBps": max(read, copy) / 1e9}
 
 
 def decode_bytes(model, stitch_id: str, bytes_per_param: float) -> int:
@@ -200,7 +211,8 @@ def union_bytes(model, stitch_ids, bytes_per_param: float) -> int:
 
 @torch.no_grad()
 def batch_scenarios(model, stitch_ids: list[str], *, streams: int, prompt_len: int, steps: int,
-                    config_kw: dict, interleave: bool = False, seed: int = 0) -> dict:
+                    config_kw: dict, interleave: bool = False, seed: int = 0, make_engine=None,
+                    on_scenario=None) -> dict:
     """Tokens/s of `streams` concurrent decode streams (a) spread evenly over `stitch_ids` in ONE mixed
     batch, (b) all on the one stitch whose decode bytes are closest to their mean, (c) the same
     streams as separate per-stitch batch queues served round-robin (one step of each queue yields
@@ -208,7 +220,11 @@ def batch_scenarios(model, stitch_ids: list[str], *, streams: int, prompt_len: i
 
     interleave=True keeps every scenario's engine resident and alternates their timed steps, so
     load drift on a shared machine hits all scenarios alike (costs the memory of all their caches);
-    otherwise scenarios run one after another and free their caches."""
+    otherwise scenarios run one after another and free their caches.
+
+    make_engine(model, **config) builds each engine (default: StitchEngine(model, EngineConfig(...)));
+    on_scenario(name, step_seconds, engine) is called after each scenario's timed steps (not
+    interleaved), e.g. to save partial results and the engine's graph counts."""
     import gc
 
     from stitchlib.engine import EngineConfig, StitchEngine
@@ -225,10 +241,14 @@ def batch_scenarios(model, stitch_ids: list[str], *, streams: int, prompt_len: i
     plans = {"mixed": [stitch_ids[i % len(stitch_ids)] for i in range(streams)], "single": [ref] * streams}
     plans.update({f"queue:{sid}": [sid] * per for sid in stitch_ids})
 
+    if make_engine is None:
+        def make_engine(m, **cfg):
+            return StitchEngine(m, EngineConfig(**cfg))
+
     def start(assign: list[str]) -> StitchEngine:
         served = sorted(set(assign), key=model.slot.get)  # caches only for the layers these stitches run
-        e = StitchEngine(model, EngineConfig(**{"max_slots": len(assign), "max_seq_len": prompt_len + steps + 8,
-                                                "stitches": served, **config_kw}))
+        e = make_engine(model, **{"max_slots": len(assign), "max_seq_len": prompt_len + steps + 8,
+                                  "stitches": served, **config_kw})
         for p, sid in zip(prompts, assign):
             e.add_request(p, sid, params)
         e.step()  # prefill all
@@ -247,6 +267,8 @@ def batch_scenarios(model, stitch_ids: list[str], *, streams: int, prompt_len: i
         for k, a in plans.items():
             e = start(a)
             times[k] = [timed(lambda: e.decode_burst(1), e.device) for _ in range(steps)]
+            if on_scenario is not None:
+                on_scenario(k, times[k], e)
             del e
             gc.collect()
             if torch.cuda.is_available():

@@ -10,18 +10,8 @@ import torch
 
 from conftest import randomize_pst
 from stitchlib.engine import EngineConfig, StitchEngine
-from stitchlib.engine.graphs import DecodeGraphs
+from stitchlib.engine.graphs import DecodeGraphs, eager_capture
 from stitchlib.runtime import SamplingParams
-
-
-def eager_capture(step):
-    """CPU stand-in for `cuda_capture`: run once, return a replay that writes the same tensor."""
-    out = step()
-
-    def replay() -> None:
-        out.copy_(step())
-
-    return replay, out
 
 
 def failing_capture(step):

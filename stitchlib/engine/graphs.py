@@ -64,6 +64,18 @@ class _Graph:
 Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
 
 
+def eager_capture(step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    """Stand-in for `cuda_capture` where there is no CUDA (tests, `engine_gpu.py --tiny` on CPU): the
+    'replay' re-runs the step eagerly into the same output tensor, as a graph replay rewrites its
+    captured output, so everything around the capture runs as it would on a GPU."""
+    out = step()
+
+    def replay() -> None:
+        out.copy_(step())
+
+    return replay, out
+
+
 def cuda_capture(step: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], None], torch.Tensor]:
     # Warm-up on a side stream (first calls of compiled code compile and autotune there, which
     # must not happen under capture). It writes the same K/V the replay writes: idempotent.
