@@ -1,37 +1,62 @@
-"""Per-stitch quality of a chat palette on chat sets it never calibrated on, deployed or not (issue 11).
+"""Per-stitch quality of chat palettes on chat examples none of them calibrated, trained or validated
+on, deployed routes or not (issue 11).
 
-    python benchmarks/chat_palette_eval.py PALETTE [--n 40] [--name quickstart]
+    python benchmarks/chat_palette_eval.py PALETTE [PALETTE ...] [--n 40] [--name NAME ...]
 
-Test examples come from the palette's own chat sources (pydocs, bbcheadlines) minus every example its
-calibration and validation used (rebuilt from the manifest: sources, sizes, seed), so the numbers are
-on data the palette never saw. Every route is measured (stitchlib.quality.route_nll), the deployed
-ones are checked against the promise (between the anchors, NLL falling as GFLOPs grow) and the result
-goes to results/chat_palette_<name>.json and .png.
+Test examples come from the palettes' chat sources (pydocs, bbcheadlines) minus every example any of
+them saw: an `init-palette` palette's calibration and validation (rebuilt from its manifest: sources,
+sizes, seed), an `adapt` palette's training and validation split (rebuilt from its recorded
+TrainConfig). Several palettes are measured on the SAME test examples, so their numbers compare. Every
+route is measured (stitchlib.quality.route_nll), the deployed ones are checked against the promise
+(between the anchors, NLL falling as GFLOPs grow); one result per palette goes to
+results/chat_palette_<name>.json and .png, and with several palettes results/chat_palette_compare.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
 
 from stitchlib import data as D
-from stitchlib.palette import chat_calibration_split
+from stitchlib.palette import chat_calibration_split, read_manifest
 from stitchlib.quality import chat_eval_batches, route_nll
 from stitchlib.runtime import PaletteRuntime
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def held_out(manifest, n: int) -> dict[str, list]:
+def seen_examples(manifest) -> tuple[list[str], set]:
+    """(chat sources, every example the palette saw) of an init-palette or adapt palette."""
     t = manifest.training
-    cal, val = t["calibration"], t.get("validation", {})
-    sources = cal["data"]
-    calib, valx = chat_calibration_split(sources, n_calibration=cal["sequences"], n_validation=val.get("examples", 0),
-                                         seed=cal["seed"])
-    seen = {(e.instruction, e.input, e.output) for e in calib + valx}
+    if "config" in t:  # adapt: its own train/validation split (training.task_data)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from training.config import TrainConfig
+        from training.task_data import load_examples
+
+        cfg = TrainConfig.model_validate(t["config"])
+        ex = load_examples(cfg)
+        sources = [x.strip() for x in cfg.data.split(",") if x.strip()]
+        seen = ex.train + ex.val
+    else:
+        cal, val = t["calibration"], t.get("validation", {})
+        sources = list(cal["data"])
+        calib, valx = chat_calibration_split(sources, n_calibration=cal["sequences"],
+                                             n_validation=val.get("examples", 0), seed=cal["seed"])
+        seen = calib + valx
+    return sources, {(e.instruction, e.input, e.output) for e in seen}
+
+
+def held_out(manifests, n: int) -> dict[str, list]:
+    """`n` test examples per source that no palette in `manifests` saw (the same for all of them)."""
+    sources, seen = [], set()
+    for m in manifests:
+        src, s = seen_examples(m)
+        sources += [x for x in src if x not in sources]
+        seen |= s
     out = {}
     for src in sources:
         pool = [e for e in D.load_chat(src) if (e.instruction, e.input, e.output) not in seen]
@@ -39,26 +64,17 @@ def held_out(manifest, n: int) -> dict[str, list]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("palette")
-    ap.add_argument("--n", type=int, default=40, help="test examples per source")
-    ap.add_argument("--name", default=None)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    rt = PaletteRuntime.load(args.palette, dtype="bfloat16")
+def evaluate(path: str, sets: dict[str, list], threads: int) -> dict:
+    rt = PaletteRuntime.load(path, dtype="bfloat16")
     m, model = rt.manifest, rt.model
     tok = model.small_anchor.tokenizer
-    sets = held_out(m, args.n)
-    rows = {s.id: s for s in m.stitches}
-    result = {"palette": str(args.palette), "training": m.training, "sets": {}, "stitches": {}}
+    result = {"palette": str(path), "training": m.training, "sets": {}, "stitches": {}}
     for src, exs in sets.items():
         res = route_nll(model, chat_eval_batches(tok, exs, batch_size=8), progress=True)
         result["sets"][src] = {"examples": len(exs), "nll": {i: r.loss for i, r in res.items()}}
-    for s in m.stitches:
-        result["stitches"][s.id] = {"gflops": s.gflops, "deployed": s.deployed, "dropped": s.dropped,
-                                    "val_nll": -s.metrics["neg_loss"] if "neg_loss" in s.metrics else None}
+    for s in m.stitches:  # validation NLL: what the gate decided on
+        val = -s.metrics["neg_loss"] if "neg_loss" in s.metrics else s.metrics.get("loss")
+        result["stitches"][s.id] = {"gflops": s.gflops, "deployed": s.deployed, "dropped": s.dropped, "val_nll": val}
     checks = {}
     for src, r in result["sets"].items():
         nll = r["nll"]
@@ -70,13 +86,35 @@ def main() -> None:
                        "deployed_nll": {i: round(nll[i], 4) for i in dep},
                        "any_stitch_between": sum(nll["large"] < x < nll["small"] for i, x in nll.items()
                                                  if i not in ("small", "large"))}
-        print(src, json.dumps(checks[src]))
+        print(Path(path).name, src, json.dumps(checks[src]))
     result["checks"] = checks
-    name = args.name or Path(args.palette).name
-    out = RESULTS / f"chat_palette_{name}.json"
-    out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"), name)
-    print("wrote", out)
+    del model, rt
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("palettes", nargs="+")
+    ap.add_argument("--n", type=int, default=40, help="test examples per source")
+    ap.add_argument("--name", nargs="*", default=None, help="one result name per palette (default: directory name)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    names = args.name or [Path(p).name for p in args.palettes]
+    if len(names) != len(args.palettes):
+        ap.error("--name needs one name per palette")
+    torch.set_num_threads(args.threads)
+    sets = held_out([read_manifest(p) for p in args.palettes], args.n)
+    results = {}
+    for path, name in zip(args.palettes, names):
+        result = evaluate(path, sets, args.threads)
+        result["compared_with"] = [n for n in names if n != name]
+        out = RESULTS / f"chat_palette_{name}.json"
+        out.write_text(json.dumps(result, indent=1))
+        plot(result, out.with_suffix(".png"), name)
+        print("wrote", out)
+        results[name] = result
+    if len(results) > 1:
+        plot_compare(results, RESULTS / "chat_palette_compare.png")
 
 
 def plot(result: dict, path: Path, name: str) -> None:
@@ -103,6 +141,29 @@ def plot(result: dict, path: Path, name: str) -> None:
         ax.set_xlabel("GFLOPs / token")
     axes[0].set_ylabel("response NLL (lower is better)")
     fig.suptitle(f"{name}: deployed (blue) vs dropped (x); dashed = small anchor, dotted = large")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_compare(results: dict[str, dict], path: Path) -> None:
+    """One panel per test set: every palette's routes (deployed filled, dropped faint), anchors dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(next(iter(results.values()))["sets"])
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.8), squeeze=False)
+    for ax, src in zip(axes[0], sets):
+        for k, (name, r) in enumerate(results.items()):
+            st, nll = r["stitches"], r["sets"][src]["nll"]
+            ids = sorted(nll, key=lambda i: st[i]["gflops"])
+            dep = [i for i in ids if st[i]["deployed"]]
+            ax.plot([st[i]["gflops"] for i in ids], [nll[i] for i in ids], "x", color=f"C{k}", alpha=0.35, ms=4)
+            ax.plot([st[i]["gflops"] for i in dep], [nll[i] for i in dep], "o-", color=f"C{k}", label=f"{name} (deployed)")
+        ax.set_title(f"held-out {src} ({r['sets'][src]['examples']} examples)")
+        ax.set_xlabel("GFLOPs / token")
+        ax.set_ylabel("response NLL (lower is better)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
