@@ -678,6 +678,7 @@ def part_hf(run: PartRun, ctx: Ctx) -> None:
     from stitchlib.tiny import build_tiny_tokenizer
 
     ctx.model = None  # the last part: free the stitched pair for the plain anchors
+    torch._dynamo.reset()  # compiled block graphs may hold references into the stitched pair
     gc.collect()
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -690,7 +691,8 @@ def part_hf(run: PartRun, ctx: Ctx) -> None:
         kw = {"cache_implementation": "static"} if impl == "static" else {}
         for role, m in plain.items():
             t = time.time()
-            hf_generate_step_times(m, ids, 3, **kw)  # warm-up (static: transformers compiles here)
+            # warm-up with the timed call's length: a static cache sized differently would recompile
+            hf_generate_step_times(m, ids, ctx.sizes.steps, **kw)
             warm = time.time() - t
             run.rec[f"{role}_{impl}_ms_per_token"] = median(hf_generate_step_times(m, ids, ctx.sizes.steps, **kw)) * 1e3
             run.rec[f"{role}_{impl}_warmup_s"] = warm
@@ -778,6 +780,8 @@ def run_parts(args, clock: RunClock, out_dir: Path, name: str, tf_note: str) -> 
 
     ctx = Ctx(args=args, sizes=sizes, device=device, engine_kw=engine_kw, res=res, save=save)
     wanted = set(args.parts.split(",")) if args.parts else {k for k, *_ in PARTS}
+    if wanted - {k for k, *_ in PARTS}:
+        raise SystemExit(f"unknown parts {sorted(wanted - {k for k, *_ in PARTS})}; parts: {res['order']}")
     if not args.compile:
         wanted -= {"compile", "latency_compiled"}
     if any(needs for k, _, needs, _ in PARTS if k in wanted):

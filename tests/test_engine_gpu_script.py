@@ -95,9 +95,7 @@ def test_tiny_run_exercises_every_part_with_compile(bench, tmp_path, one_thread)
 
 
 def test_deadline_cuts_the_running_part_and_records_the_rest(bench, tmp_path, one_thread):
-    t = time.time()
     res = bench.main(["--tiny", "--no-compile", "--device", "cpu", "--out", str(tmp_path), "--budget-s", "1.5"])
-    assert time.time() - t < 10
     status = [res["parts"][k]["status"] for k in PARTS]
     assert "cut" in status and set(status) <= {"ok", "cut", "skipped"}
     first_cut = status.index("cut")
