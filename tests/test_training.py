@@ -126,8 +126,41 @@ def test_teacher_hard_labels_are_shifted_onto_response_positions(tmp_path):
     logits = torch.zeros(1, 4, 6)
     logits[0, torch.arange(4), torch.tensor([5, 4, 3, 2])] = 1.0  # position t predicts 5-t
     labels = torch.tensor([[-100, -100, 7, 7]])
-    # logits at t predict token t+1; only positions that carry a label keep a teacher label
-    assert t.hard_labels(logits, labels).tolist() == [[-100, -100, 4, 3]]
+    # the trainer's logits are those of the labelled positions only: t = 1, 2 predict labels[2], labels[3]
+    sel = labels[:, 1:] != -100
+    assert t.hard_labels(logits[:, :-1][sel], labels).tolist() == [[-100, -100, 4, 3]]
+
+
+def test_chat_loss_on_labelled_positions_equals_the_full_forward(tmp_path, tiny_model):
+    """The trainer runs the LM head only where a label is: same loss and same gradients as the full
+    [B, T, V] forward with lm_loss, for the small anchor, a stitch and the large anchor."""
+    from stitchlib.model import lm_loss
+    from training.trainer import Trainer
+
+    from conftest import randomize_pst
+
+    t = Trainer(config(tmp_path, tmp_path / "unused", "chat"))
+    t.model = m = tiny_model()
+    randomize_pst(m)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (3, 10), generator=g)
+    attn = torch.ones_like(ids)
+    attn[2, 7:] = 0
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[attn == 0] = -100
+    b = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    for sid in ("small", m.stitches[len(m.stitches) // 2].id, "large"):
+        params = [p for p in m.parameters() if p.requires_grad]
+        ref = lm_loss(m(ids, sid, attn), labels)
+        ref_g = torch.autograd.grad(ref, params, allow_unused=True)
+        got = t.task_loss(t.forward(b, sid), labels)
+        got_g = torch.autograd.grad(got, params, allow_unused=True)
+        assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-5), sid
+        for x, y in zip(got_g, ref_g):
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
 def test_lora_gets_gradients_after_an_eval_pass_with_8bit_anchors(tmp_path):

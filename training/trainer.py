@@ -267,23 +267,34 @@ class Trainer:
                                 f"(quantization {self.cfg.quantization}); on CPU use --quantization 8bit or none")
 
     def task_loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """classify: out [B, C], labels [B]. chat: out [N, V] from `forward`, labels [B, T] (-100: no loss)."""
         if self.cfg.task == "classify":
             return F.cross_entropy(out.float(), labels)
-        return lm_loss(out, labels)
+        tgt = labels[:, 1:]  # the logits at t predict the token at t + 1
+        return F.cross_entropy(out.float(), tgt[tgt != -100])
 
     def forward(self, batch: dict[str, torch.Tensor], stitch: str) -> torch.Tensor:
+        """classify: logits [B, C]. chat: logits [N, V] of only the N positions that carry a label, in
+        row-major order. The LM head (151,936 x 1,536 on the Qwen pair) then runs on the response, not
+        on the prompt and padding: on chat data ~3/4 of the positions, and its forward, backward and
+        [B, T, V] float logits were the largest single cost of a step (benchmarks/TRAINING.md)."""
+        m = self.model
         if self.cfg.task == "classify":
-            return self.model.classify(batch["input_ids"], stitch, batch["attention_mask"])  # [B, C]
-        return self.model(batch["input_ids"], stitch, batch["attention_mask"])  # [B, T, V]
+            return m.classify(batch["input_ids"], stitch, batch["attention_mask"])  # [B, C]
+        h = m(batch["input_ids"], stitch, batch["attention_mask"], return_hidden=True)  # [B, T, d], normed
+        sel = batch["labels"][:, 1:] != -100  # [B, T-1]
+        anchor = m.small_anchor if m.get(stitch).kind == "small" else m.large_anchor
+        return anchor.lm_head(h[:, :-1][sel])  # [N, V]
 
     def hard_labels(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's argmax as labels in the layout of `labels`: [B] (classify), [B, T] (chat,
+        -100 wherever `labels` has no target, so the stitch is scored on the same positions)."""
         pred = out.argmax(-1)
         if self.cfg.task == "classify":
             return pred  # [B]
-        # logits at t predict token t+1: shift into label positions, keep only positions with a label
         hard = torch.full_like(labels, -100)
-        hard[:, 1:] = pred[:, :-1]
-        return hard.masked_fill(labels == -100, -100)  # [B, T]
+        hard[:, 1:][labels[:, 1:] != -100] = pred  # out's rows are those positions, row-major
+        return hard  # [B, T]
 
     def optimizer_step(self) -> None:
         """AdamW step in which each stitch's bias rows behave like parameters of their own.
@@ -317,6 +328,7 @@ class Trainer:
         distill = cfg.distill and not anchors_stage and cfg.distill_weight > 0
         micro = [task_data.to_device(next(self.batches), self.device) for _ in range(cfg.grad_accum)]
 
+        t_data = time.perf_counter()
         teacher_loss, hard = 0.0, []
         for b in micro:
             with self.autocast():
@@ -328,6 +340,7 @@ class Trainer:
                 hard.append(self.hard_labels(out.detach(), b["labels"]))
             del out, loss
 
+        t_teacher = time.perf_counter()
         before = [None if p.grad is None else p.grad.clone() for p in self.params]
         stitch_loss = stitch_ce = 0.0  # training objective, and its cross-entropy on the true labels
         for i, b in enumerate(micro):
@@ -341,6 +354,7 @@ class Trainer:
             stitch_loss += loss.item() / cfg.grad_accum
             stitch_ce += ce.item() / cfg.grad_accum
             del out, loss, ce
+        t_stitch = time.perf_counter()
         q = snip_score(self.params, before)
         del before
         if not anchors_stage:
@@ -354,7 +368,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         rec = {"step": self.step, "stitch": sid, "teacher_loss": teacher_loss, "stitch_loss": stitch_loss,
-               "stitch_ce": stitch_ce, "snip": q, "lr": lr, "step_s": time.perf_counter() - t0}
+               "stitch_ce": stitch_ce, "snip": q, "lr": lr, "step_s": time.perf_counter() - t0,
+               # where the step's time goes (forward + backward of each pass; the rest: SNIP score,
+               # clipping and the optimizer)
+               "data_s": t_data - t0, "teacher_s": t_teacher - t_data, "stitch_s": t_stitch - t_teacher}
         if not all(math.isfinite(x) for x in (teacher_loss, stitch_loss)):
             raise TrainingError(f"loss is not finite at step {self.step} (stitch {sid}); lower --lr")
         self.history.append(rec)
