@@ -453,7 +453,7 @@ def latency_sweep(run: PartRun, ctx: Ctx, model, stitch_ids: list[str], rows: li
     # specialisation of the cache's slot count) and compile every block shape again (seen on CPU).
     e = run.engine(model, max_slots=2, max_seq_len=align(z.prompt_len + 2 + 2 * z.steps), **engine_cfg)
     by_id = {}
-    for rnd in range(z.rounds):
+    for _ in range(z.rounds):
         for sid in stitch_ids:
             rid = e.add_request(prompt, sid, SamplingParams(max_tokens=2 + 2 * z.steps, temperature=0.0))
             e.step()  # prefill (eager)
