@@ -14,6 +14,7 @@ results/chat_palette_<name>.json and .png, and with several palettes results/cha
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -29,9 +30,16 @@ from stitchlib.runtime import PaletteRuntime
 RESULTS = Path(__file__).parent / "results"
 
 
-def seen_examples(manifest) -> tuple[list[str], set]:
-    """(chat sources, every example the palette saw) of an init-palette or adapt palette."""
-    t = manifest.training
+def training_record(path: str) -> dict:
+    """What a palette directory's manifest says of its training, or an `adapt` checkpoint's config
+    (to exclude a run still in progress from the test set)."""
+    if Path(path).is_dir():
+        return read_manifest(path).training
+    return {"config": torch.load(path, map_location="cpu", weights_only=False)["config"]}
+
+
+def seen_examples(t: dict) -> tuple[list[str], set]:
+    """(chat sources, every example the palette saw), from an init-palette or adapt training record."""
     if "config" in t:  # adapt: its own train/validation split (training.task_data)
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from training.config import TrainConfig
@@ -50,11 +58,11 @@ def seen_examples(manifest) -> tuple[list[str], set]:
     return sources, {(e.instruction, e.input, e.output) for e in seen}
 
 
-def held_out(manifests, n: int) -> dict[str, list]:
-    """`n` test examples per source that no palette in `manifests` saw (the same for all of them)."""
+def held_out(trainings: list[dict], n: int) -> dict[str, list]:
+    """`n` test examples per source that no palette in `trainings` saw (the same for all of them)."""
     sources, seen = [], set()
-    for m in manifests:
-        src, s = seen_examples(m)
+    for t in trainings:
+        src, s = seen_examples(t)
         sources += [x for x in src if x not in sources]
         seen |= s
     out = {}
@@ -97,18 +105,29 @@ def main() -> None:
     ap.add_argument("palettes", nargs="+")
     ap.add_argument("--n", type=int, default=40, help="test examples per source")
     ap.add_argument("--name", nargs="*", default=None, help="one result name per palette (default: directory name)")
+    ap.add_argument("--exclude", nargs="*", default=[],
+                    help="more palettes (or adapt checkpoints of runs in progress) whose examples the test set avoids")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     names = args.name or [Path(p).name for p in args.palettes]
     if len(names) != len(args.palettes):
         ap.error("--name needs one name per palette")
     torch.set_num_threads(args.threads)
-    sets = held_out([read_manifest(p) for p in args.palettes], args.n)
+    sets = held_out([training_record(p) for p in args.palettes + args.exclude], args.n)
+    # a palette already measured on exactly these examples (same manifest) is not measured again
+    test_sha = hashlib.sha256(json.dumps({k: [[e.instruction, e.input, e.output] for e in v]
+                                          for k, v in sets.items()}).encode()).hexdigest()
     results = {}
     for path, name in zip(args.palettes, names):
-        result = evaluate(path, sets, args.threads)
-        result["compared_with"] = [n for n in names if n != name]
         out = RESULTS / f"chat_palette_{name}.json"
+        manifest_sha = hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()
+        old = json.loads(out.read_text()) if out.is_file() else {}
+        if old.get("test_sha256") == test_sha and old.get("manifest_sha256") == manifest_sha:
+            print("reusing", out)
+            results[name] = old
+            continue
+        result = evaluate(path, sets, args.threads)
+        result.update(test_sha256=test_sha, manifest_sha256=manifest_sha, compared_with=[n for n in names if n != name])
         out.write_text(json.dumps(result, indent=1))
         plot(result, out.with_suffix(".png"), name)
         print("wrote", out)
