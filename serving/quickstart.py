@@ -35,7 +35,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--calibration", type=int, default=400, help="chat examples fitting the stitching layers")
     p.add_argument("--validation", type=int, default=120,
-                   help="held-out chat examples measuring the routes (the deployment gate; the first 40 measure "
+                   help="held-out chat examples measuring the routes (the deployment gate; the first 24 measure "
                         "every route, the rest only those not clearly worse than the small anchor)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server")

@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--validation", type=int, default=120,
                    help="held-out chat examples measuring the routes; only stitches between the anchors and on "
                         "the quality-vs-cost front are deployed (0: no measurement, deploy all, rank by size)")
-    s.add_argument("--screen", type=int, default=40,
+    s.add_argument("--screen", type=int, default=24,
                    help="the first this many validation examples measure every route; only routes not clearly "
                         "worse than the small anchor are measured on the rest (0: every route on every example)")
     s.add_argument("--chat-data", default="pydocs,bbcheadlines",

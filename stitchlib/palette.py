@@ -285,7 +285,7 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
                  calibration_texts: list[str] | None = None, n_calibration: int = 400, max_len: int = 128,
                  dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True,
                  chat_data: tuple[str, ...] | list[str] = DEFAULT_CHAT_DATA, weighting: str = "relative",
-                 n_validation: int = 120, n_screen: int = 40, min_gain: float = 0.0, confidence: float = 2.0,
+                 n_validation: int = 120, n_screen: int = 24, min_gain: float = 0.0, confidence: float = 2.0,
                  distill_steps: int = 0, distill_lr: float = 5e-4) -> Path:
     """A least-squares-only palette (PST untrained: LoRA and SSB zero, classification heads
     seeded-random), gated by measured quality. The starting point before `stitchserve adapt`.
