@@ -150,8 +150,10 @@ def test_init_palette_calibrates_on_the_chat_template_and_gates(tmp_path, tiny_m
     gate = select_deployment(gate_rows(m))
     assert [s.id for s in m.deployed()] == gate.deployed_ids() == m.training["gate"]["deployed"]
     dep = m.deployed()
-    assert all(a.gflops < b.gflops and a.metrics["neg_loss"] < b.metrics["neg_loss"] for a, b in zip(dep, dep[1:])) \
-        or gate.anchors_inverted
+    if gate.anchors_inverted:  # random tiny weights may rank the anchors either way: then nothing fits between
+        assert [s.id for s in dep] == ["small", "large"]
+    else:
+        assert all(a.gflops < b.gflops and a.metrics["neg_loss"] < b.metrics["neg_loss"] for a, b in zip(dep, dep[1:]))
     assert all(s.dropped and s.dropped_reason for s in m.stitches if not s.deployed)
     # the stitching layers are exactly relative least squares on the templated calibration examples
     calib, val = chat_calibration_split([str(chat_file)], n_calibration=12, n_validation=6, seed=0)
