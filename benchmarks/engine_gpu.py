@@ -886,7 +886,7 @@ def render_markdown(res: dict) -> str:
     env = res["env"]
     lines = [f"# {res['benchmark']}", "",
              f"{env.get('device')} | torch {env.get('torch')} | transformers {env.get('transformers')} "
-             f"({res.get('transformers_source')}) | graphs: {res.get('graph_capture')} | {env.get('date')} | "
+             f"[{res.get('transformers_source')}] | graphs: {res.get('graph_capture')} | {env.get('date')} | "
              f"wall {res.get('wall_s', 0):.0f}s of {res.get('budget_s', 0):.0f}s", "", "## Parts", "",
              "| part | status | s | graphs captured / replayed / failed | compile frames / recompiles / s | note |",
              "|---|---|---|---|---|---|"]
