@@ -470,6 +470,9 @@ class OpenAIServing:
             out = await _await_before(getattr(ref.handle, method).remote(*args), time.monotonic() + 30)
         except asyncio.TimeoutError:
             return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
+        except Exception as e:  # a replica that failed: a JSON error, not a bare 500 page
+            log.exception("palette replica failed")
+            return ServingError(500, f"the model replica failed: {type(e).__name__}: {e}", type="internal_error")
         if isinstance(out, dict) and out.get("type") == "error":
             return ServingError.from_value(out, ref.name)
         return ref.name, out

@@ -148,16 +148,16 @@ class StitchServeIngress:
 
     # vLLM's tokenizer endpoints (lm-evaluation-harness's remote tokenizer uses them)
     @fastapi_app.post("/tokenize", openapi_extra=doc.body(TokenizeRequest, budget_headers=False),
-                      responses={200: {"model": TokenizeResponse}, **doc.errors(400, 401, 404, 413, 503)})
+                      responses={200: {"model": TokenizeResponse}, **doc.errors(400, 401, 404, 413, 500, 503)})
     async def tokenize(self, request: Request) -> Response:
         return _to_response(await self.serving.tokenize(await request.body()))
 
     @fastapi_app.post("/detokenize", openapi_extra=doc.body(DetokenizeRequest, budget_headers=False),
-                      responses={200: {"model": DetokenizeResponse}, **doc.errors(400, 401, 404, 413, 503)})
+                      responses={200: {"model": DetokenizeResponse}, **doc.errors(400, 401, 404, 413, 500, 503)})
     async def detokenize(self, request: Request) -> Response:
         return _to_response(await self.serving.detokenize(await request.body()))
 
-    @fastapi_app.get("/tokenizer_info", responses={200: {"model": TokenizerInfo}, **doc.errors(400, 401, 404, 503)})
+    @fastapi_app.get("/tokenizer_info", responses={200: {"model": TokenizerInfo}, **doc.errors(400, 401, 404, 500, 503)})
     async def tokenizer_info(self, model: str | None = Query(None, description="needed when several chat "
                                                                                  "models are served")) -> Response:
         return _to_response(await self.serving.tokenizer_info(model))

@@ -216,8 +216,9 @@ class PaletteServer:
         if pin is not None:
             cands = [c for c in cands if c.id == pin]
             if not cands:
-                return error_value(400, f"X-Stitch-Id {pin!r} is not a deployed stitch of model {self.model!r}; "
-                                        f"deployed: {', '.join(self.stitch_info)}", param="X-Stitch-Id")
+                return error_value(404, f"X-Stitch-Id {pin!r} is not a deployed stitch of model {self.model!r}; "
+                                        f"deployed: {', '.join(self.stitch_info)}", type="stitch_not_found",
+                                   param="X-Stitch-Id")
         decision = select_stitch(cands, budget, strict=strict, percent_basis=self.cfg.percent_basis)
         if isinstance(decision, NoStitchFits):
             return error_value(422, decision.message, type="budget_not_met", param="X-Compute-Budget",
@@ -405,7 +406,10 @@ class PaletteServer:
         if self.task != "classify":
             return error_value(400, f"model {self.model!r} is a {self.task} model; use /v1/chat/completions",
                                param="model")
-        lens = [len(self.engine.encode(t)) for t in req.texts]
+        try:
+            lens = [len(self.engine.encode(t)) for t in req.texts]
+        except Exception as e:  # text the tokenizer cannot take (e.g. lone surrogates)
+            return error_value(400, f"cannot tokenize the input: {type(e).__name__}: {e}", param="input")
         too_long = [i for i, n in enumerate(lens) if n > self.prompt_limit]
         if too_long:
             return error_value(400, f"input {too_long[0]} has {lens[too_long[0]]} tokens, over this model's limit "
@@ -441,9 +445,13 @@ class PaletteServer:
     # ---- tokenizer ---------------------------------------------------------------------------------
     async def tokenize(self, prompt: str | None, messages: list[dict[str, str]] | None,
                        add_special_tokens: bool = False, add_generation_prompt: bool = True) -> dict[str, Any]:
-        if messages is not None:
-            prompt = self.engine.render_chat(messages, add_generation_prompt=add_generation_prompt)
-        ids = self.engine.encode(prompt or "", add_special_tokens=add_special_tokens)
+        try:
+            if messages is not None:
+                prompt = self.engine.render_chat(messages, add_generation_prompt=add_generation_prompt)
+            ids = self.engine.encode(prompt or "", add_special_tokens=add_special_tokens)
+        except Exception as e:  # text the tokenizer cannot take (e.g. lone surrogates), a template misfit
+            return error_value(400, f"cannot tokenize: {type(e).__name__}: {e}",
+                               param="messages" if messages is not None else "prompt")
         return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids}
 
     async def detokenize(self, tokens: list[int]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ BUDGET_PARAMS: list[dict[str, Any]] = [
     {"name": "X-Stitch-Id", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 64},
      "description": "Evaluation override: serve on this deployed stitch (ids: GET /v1/stitches) instead of "
                     "routing; the budget is still checked against it (X-Budget-Met; 422 under strict). "
-                    "A stitch that is not deployed: 400."},
+                    "A stitch that is not deployed: 404 (type stitch_not_found)."},
     {"name": "x-request-timeout-seconds", "in": "header", "required": False, "schema": {"type": "string"},
      "description": "Per-request timeout in seconds (positive number, at most the server's limit); past it: 504."},
 ]
@@ -52,7 +52,7 @@ STITCH_HEADERS: dict[str, dict[str, Any]] = {
 _ERRORS = {
     400: "invalid request: malformed body, a field out of range, an unsupported field (named), a malformed budget",
     401: "missing or invalid API key",
-    404: "unknown model",
+    404: "unknown model, or an X-Stitch-Id that is not deployed",
     413: "request body too large",
     422: "strict budget that no deployed stitch meets (type budget_not_met)",
     500: "the model replica failed",

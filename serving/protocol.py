@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, WithJsonSchema, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 20 for chat; vLLM's default limit for both)
@@ -25,6 +25,20 @@ def random_id(prefix: str) -> str:
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class RequestModel(OpenAIBaseModel):
+    """A request body: JSON types as the schema says them ("5" is not an integer, 1 is not a boolean)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _one_of(*schemas: dict[str, Any]) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": list(schemas)})
+
+
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -58,7 +72,7 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
 
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
@@ -79,7 +93,7 @@ class StitchCard(OpenAIBaseModel):
     replica: str | None = None
 
 
-class _SamplingFields(OpenAIBaseModel):
+class _SamplingFields(RequestModel):
     """The sampling parameters chat and completions share, with OpenAI's ranges."""
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
@@ -129,12 +143,12 @@ class _SamplingFields(OpenAIBaseModel):
 
 
 # ---- chat completions --------------------------------------------------------------------------
-class TextContentPart(OpenAIBaseModel):
+class TextContentPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(OpenAIBaseModel):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
@@ -147,7 +161,7 @@ class ChatMessage(OpenAIBaseModel):
         return "".join(p.text for p in self.content)
 
 
-class ResponseFormatText(OpenAIBaseModel):
+class ResponseFormatText(RequestModel):
     type: Literal["text"]
 
 
@@ -160,7 +174,8 @@ class ChatCompletionRequest(_SamplingFields):
         "function_call": (lambda v: v in (None, "none"), "function calling"),
         "response_format": (lambda v: v is None or v == {"type": "text"}, "structured output: only {'type': 'text'}"),
         "audio": (lambda v: v is None, "audio output"),
-        "modalities": (lambda v: v is None or v == ["text"], "modalities other than text"),
+        "modalities": (lambda v: v is None or (isinstance(v, list) and all(m == "text" for m in v)),
+                       "modalities other than text"),
         "prediction": (lambda v: v is None, "predicted outputs"),
         "web_search_options": (lambda v: v is None, "web search"),
         "reasoning_effort": (lambda v: v is None, "reasoning models"),
@@ -265,7 +280,9 @@ class CompletionRequest(_SamplingFields):
     }
 
     model: str
-    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+    prompt: Annotated[str | list[str] | TokenIds | list[TokenIds], _one_of(
+        _TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1}, _IDS,
+        {"type": "array", "items": _IDS, "minItems": 1, "maxItems": 1})] = Field(
         description="one prompt: text, or token ids (as a one-element list of either, too)")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1. " + _NOT_SUPPORTED)
     echo: bool = Field(False, description="return the prompt before the completion (with its logprobs when "
@@ -329,8 +346,8 @@ class CompletionStreamResponse(OpenAIBaseModel):
 
 
 # ---- classify (stitchserve extension, shaped like OpenAI's embeddings/moderations) -------------
-class ClassifyRequest(OpenAIBaseModel):
-    input: str | list[str]
+class ClassifyRequest(RequestModel):
+    input: Annotated[str | list[str], _one_of(_TEXT, {"type": "array", "items": _TEXT, "minItems": 1})]
     model: str | None = Field(None, description="may be omitted when one classify palette is served")
     compute_budget: str | None = Field(None, description="X-Compute-Budget in the body; the header wins")
 
@@ -440,7 +457,7 @@ class ClassifyInput(BaseModel):
 
 
 # ---- tokenizer endpoints (vLLM's shapes: lm-evaluation-harness's remote tokenizer uses them) -------
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(RequestModel):
     model: str | None = Field(None, description="may be omitted when one chat palette is served")
     prompt: str | None = Field(None, description="text to tokenize (or messages)")
     messages: list[ChatMessage] | None = Field(None, description="rendered with the chat template first")
@@ -449,8 +466,8 @@ class TokenizeRequest(OpenAIBaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> "TokenizeRequest":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt / messages")
+        if self.prompt is not None and self.messages is not None:
+            raise ValueError("give prompt or messages, not both")
         return self
 
 
@@ -460,9 +477,9 @@ class TokenizeResponse(OpenAIBaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = Field(None, description="may be omitted when one chat palette is served")
-    tokens: list[int] = Field(description="token ids")
+    tokens: list[NonNegativeInt] = Field(description="token ids")
 
 
 class DetokenizeResponse(OpenAIBaseModel):

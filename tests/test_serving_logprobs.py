@@ -171,7 +171,7 @@ def test_stitch_override_header(http):
     sids = stitch_ids(http)
     chat = {"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     r = http.post("/v1/chat/completions", json=chat, headers={"X-Stitch-Id": "s99-l99"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Stitch-Id"
+    assert r.status_code == 404 and r.json()["error"]["param"] == "X-Stitch-Id"
     assert all(s in r.json()["error"]["message"] for s in sids)
     # pinned to the largest stitch under a budget it breaks: served and said so, or 422 when strict
     r = http.post("/v1/chat/completions", json=chat, headers={"X-Stitch-Id": sids[-1], "X-Compute-Budget": "1k"})
@@ -197,6 +197,11 @@ def test_tokenizer_endpoints(http, rt):
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False),
         add_special_tokens=False)["input_ids"]
     assert http.post("/detokenize", json={"tokens": [10 ** 9]}).status_code == 400
-    assert http.post("/tokenize", json={}).status_code == 400
+    assert http.post("/tokenize", json={"prompt": "a", "messages": [{"role": "user", "content": "b"}]}).status_code == 400
+    lone = b'{"prompt": "a\\ud800b"}'  # a lone surrogate: valid JSON, not text a tokenizer takes -> 400, not 500
+    for path, body in [("/tokenize", lone), ("/v1/classify", b'{"input": "a\\ud800"}'),
+                       ("/v1/completions", b'{"model": "tinychat", "prompt": "a\\ud800", "max_tokens": 1}')]:
+        r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "cannot" in r.json()["error"]["message"], (path, r.text)
     bad = http.post("/v1/completions", json={"model": CHAT, "prompt": [1, 10 ** 9], "max_tokens": 1})
     assert bad.status_code == 400 and "token ids" in bad.json()["error"]["message"]
