@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from stitchlib import data as D
+from stitchlib.fileio import sha256_file
 from stitchlib.palette import chat_calibration_split, read_manifest
 from stitchlib.quality import chat_eval_batches, route_nll
 from stitchlib.runtime import PaletteRuntime
@@ -120,7 +121,7 @@ def main() -> None:
     results = {}
     for path, name in zip(args.palettes, names):
         out = RESULTS / f"chat_palette_{name}.json"
-        manifest_sha = hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()
+        manifest_sha = sha256_file(Path(path) / "manifest.json")
         old = json.loads(out.read_text()) if out.is_file() else {}
         if old.get("test_sha256") == test_sha and old.get("manifest_sha256") == manifest_sha:
             print("reusing", out)

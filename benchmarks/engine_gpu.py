@@ -59,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine_gpu_env import (Cut, RunClock, ensure_pydantic, process_start, tee_output,  # noqa: E402
                             use_pinned_transformers)
 
+from stitchlib.fileio import atomic_write  # noqa: E402 - standard library only: safe before the pinning
+
 DEFAULT_BUDGET_S = 420  # 7 min from process start: the command runs under timeout_s=480, and of a
 # session's 15 device minutes (start-up included) ~4-5 remain for a warm rerun of a few parts.
 SEQ_ALIGN = 64  # cache lengths (hence attention spans) are multiples of this: no odd shapes to compile
@@ -775,8 +777,9 @@ def run_parts(args, clock: RunClock, out_dir: Path, name: str, tf_note: str) -> 
             res["wall_s"] = clock.elapsed()
             res["engine"] = dict(engine_kw)
             res["targets"] = targets(res)
-            write_atomic(out_dir / f"{name}.json", json.dumps(res, indent=2, default=str))
-            write_atomic(out_dir / f"{name}.md", render_markdown(res))
+            # atomic: a kill mid-write never leaves a truncated result file
+            atomic_write(out_dir / f"{name}.json", json.dumps(res, indent=2, default=str))
+            atomic_write(out_dir / f"{name}.md", render_markdown(res))
 
     ctx = Ctx(args=args, sizes=sizes, device=device, engine_kw=engine_kw, res=res, save=save)
     wanted = set(args.parts.split(",")) if args.parts else {k for k, *_ in PARTS}
@@ -830,12 +833,6 @@ def run_parts(args, clock: RunClock, out_dir: Path, name: str, tf_note: str) -> 
     print(json.dumps(res["targets"], indent=2), f"\nwall {clock.elapsed():.0f}s -> {out_dir / (name + '.json')}",
           flush=True)
     return res
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a kill mid-write never leaves a truncated result file
 
 
 def layer_api() -> dict:

@@ -42,6 +42,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from stitchlib.errors import DataError
+from stitchlib.fileio import atomic_open, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -853,15 +854,10 @@ class _DocEntry:
     signature: str | None  # "(obj, *, skipkeys=False, ...)" or None
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("STITCHSERVE_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "stitchserve"
-
-
 def pydocs_cache_path() -> Path:
     impl = sys.implementation.name
     ver = ".".join(map(str, sys.version_info[:3]))
-    return _cache_root() / "data" / f"pydocs-v{PYDOCS_VERSION}-{impl}-{ver}-{sys.platform}.jsonl"
+    return cache_root() / "data" / f"pydocs-v{PYDOCS_VERSION}-{impl}-{ver}-{sys.platform}.jsonl"
 
 
 def build_pydocs(*, use_cache: bool = True) -> list[ChatExample]:
@@ -881,12 +877,9 @@ def build_pydocs(*, use_cache: bool = True) -> list[ChatExample]:
     examples = _build_pydocs_isolated()
     log.info("built pydocs: %d examples in %.1f s", len(examples), time.perf_counter() - t0)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        with atomic_open(path, "w", encoding="utf-8") as f:
             for ex in examples:
                 f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
     return examples
 
 

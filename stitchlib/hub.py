@@ -45,11 +45,11 @@ from typing import Any, Iterator, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from stitchlib.errors import AnchorError
+from stitchlib.fileio import CHUNK_BYTES, atomic_open, atomic_write, cache_root, sha256_file
 
 logger = logging.getLogger("stitchlib.hub")
 
 COMPLETE_MARKER = ".complete"
-_CHUNK = 8 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,14 +160,6 @@ def get_builtin(name: str) -> BuiltinAnchor:
 # --------------------------------------------------------------------------------------------------
 # Cache layout
 # --------------------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """``$STITCHSERVE_HOME`` if set (and not empty), else ``~/.cache/stitchserve``."""
-    env = os.environ.get("STITCHSERVE_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "stitchserve"
 
 
 def anchor_dir(name: str) -> Path:
@@ -404,18 +396,6 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def sha256_file(path: Path, *, progress: bool = False) -> str:
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as fh, tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=not progress
-    ) as bar:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-            bar.update(len(chunk))
-    return h.hexdigest()
-
-
 def join_and_verify(
     parts: Sequence[Path],
     dest: Path,
@@ -426,8 +406,9 @@ def join_and_verify(
 ) -> Path:
     """Concatenate ``parts`` in the given order into ``dest``, hashing while copying.
 
-    The copy goes to a temporary file next to ``dest``; on a size or SHA-256 mismatch it is deleted
-    (as is any old ``dest``) and :class:`AnchorError` names expected and actual values.
+    The copy goes to a temporary file next to ``dest`` (:func:`~stitchlib.fileio.atomic_open`); on a
+    size or SHA-256 mismatch it is deleted (as is any old ``dest``) and :class:`AnchorError` names
+    expected and actual values.
     """
     missing = [str(p) for p in parts if not Path(p).is_file()]
     if missing:
@@ -436,34 +417,31 @@ def join_and_verify(
         raise AnchorError(f"no part files to join into {dest}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     total = sum(Path(p).stat().st_size for p in parts)
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     h = hashlib.sha256()
     written = 0
     try:
-        with open(tmp, "wb") as out, tqdm(
+        with atomic_open(dest, "wb") as out, tqdm(
             total=total, unit="B", unit_scale=True, desc=f"join {dest.name}", disable=not progress
         ) as bar:
             for part in parts:
                 with open(part, "rb") as fh:
-                    while chunk := fh.read(_CHUNK):
+                    while chunk := fh.read(CHUNK_BYTES):
                         out.write(chunk)
                         h.update(chunk)
                         written += len(chunk)
                         bar.update(len(chunk))
-        digest = h.hexdigest()
-        problems = []
-        if expected_bytes is not None and written != expected_bytes:
-            problems.append(f"size: expected {expected_bytes:,} bytes, got {written:,}")
-        if expected_sha256 is not None and digest != expected_sha256.lower():
-            problems.append(f"sha256: expected {expected_sha256.lower()}, got {digest}")
-        if problems:
-            raise AnchorError(
-                f"joined file {dest.name} from {len(parts)} parts failed verification ({'; '.join(problems)}); "
-                "the file was deleted"
-            )
-        os.replace(tmp, dest)
+            digest = h.hexdigest()
+            problems = []
+            if expected_bytes is not None and written != expected_bytes:
+                problems.append(f"size: expected {expected_bytes:,} bytes, got {written:,}")
+            if expected_sha256 is not None and digest != expected_sha256.lower():
+                problems.append(f"sha256: expected {expected_sha256.lower()}, got {digest}")
+            if problems:  # raised inside the block: the temporary file is removed, never renamed
+                raise AnchorError(
+                    f"joined file {dest.name} from {len(parts)} parts failed verification "
+                    f"({'; '.join(problems)}); the file was deleted"
+                )
     except BaseException:
-        tmp.unlink(missing_ok=True)
         dest.unlink(missing_ok=True)
         raise
     logger.info("joined %d parts into %s (%s bytes, sha256 %s)", len(parts), dest, f"{written:,}", digest)
@@ -684,10 +662,7 @@ def _gguf_sha256(path: Path, *, progress: bool) -> str:
         return entry["sha256"]
     digest = sha256_file(path, progress=progress)
     index[entry_key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, index_path)
+    atomic_write(index_path, json.dumps(index, indent=1))
     return digest
 
 

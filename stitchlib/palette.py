@@ -12,7 +12,6 @@ and raises `PaletteError` with one clear sentence for each failure.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import PaletteError
+from .fileio import sha256_file
 from .gate import GateResult, GateRow
 from .pst import PSTConfig
 from .space import StitchSpaceConfig
@@ -91,14 +91,6 @@ class PaletteManifest(BaseModel):
         return [s for s in self.stitches if s.deployed]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def split_tensors(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     files: dict[str, dict[str, torch.Tensor]] = {"adapters.safetensors": {}, "stitching.safetensors": {}}
     for k, v in sd.items():
@@ -122,7 +114,7 @@ def save_palette(out_dir: str | Path, manifest: PaletteManifest, tensors: dict[s
         files = {}
         for fname, ts in split_tensors(tensors).items():
             save_file(ts, str(tmp / fname), metadata={"format": "stitchserve-palette"})
-            files[fname] = FileEntry(sha256=_sha256(tmp / fname), bytes=(tmp / fname).stat().st_size,
+            files[fname] = FileEntry(sha256=sha256_file(tmp / fname), bytes=(tmp / fname).stat().st_size,
                                      tensors=len(ts))
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data)
@@ -187,7 +179,7 @@ def load_palette(palette_dir: str | Path, *, small_fingerprint: str | None = Non
         size = p.stat().st_size
         if size != entry.bytes:
             raise PaletteError(f"{p}: truncated or altered ({size} bytes, manifest says {entry.bytes})")
-        if _sha256(p) != entry.sha256:
+        if sha256_file(p) != entry.sha256:
             raise PaletteError(f"{p}: checksum mismatch (file corrupt or altered)")
         try:
             ts = load_file(str(p))

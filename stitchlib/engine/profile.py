@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write
 from ..model import StitchedLM
 from ..runtime import SamplingParams, StitchProfile
 from .core import EngineConfig, StitchEngine
@@ -95,13 +96,8 @@ def profile_stitches(model: StitchedLM, stitch_ids: list[str] | None = None, *, 
 
 
 def save_profile(path: str | Path, profiles: dict[str, StitchProfile], meta: dict | None = None) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta or {}, "stitches": {sid: prof.model_dump() for sid, prof in profiles.items()}}
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(p)
-    return p
+    return atomic_write(path, json.dumps(doc, indent=2))
 
 
 def load_profile(path: str | Path) -> tuple[dict[str, StitchProfile], dict]:
