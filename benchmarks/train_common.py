@@ -2,8 +2,8 @@
 training/adapt_llama.py as a subprocess that survives interruption (a rerun resumes from its
 checkpoint), and reading its report back.
 
-Scale. The CPU here runs bfloat16 matmuls at ~0.1 TFLOP/s under the other engineers' load (not
-the 1.5 TFLOP/s AMX figure in DESIGN.md: this machine is an AMD EPYC with AVX512-BF16 and no AMX),
+Scale. The CPU here runs bfloat16 matmuls at ~0.1 TFLOP/s under the other engineers' load (an AMD EPYC
+with AVX512-BF16 and no AMX: 0.08-0.3 TFLOP/s measured, docs/DESIGN_NOTES.md section 2),
 so one fwd+bwd of the 1.5B anchor on 128 tokens takes tens of seconds. Runs on the real pair are
 therefore small: 48-token BBC News openings (headline + first sentence), batch 4, 120 steps (one
 stitch each, plus the teacher), 100 validation articles.

@@ -184,7 +184,7 @@ class StitchServeIngress:
 def _default_max_ongoing(p) -> int:
     """Chat: the engine's slots plus as many requests waiting inside the replica, so a slot that frees
     is refilled at the next engine step rather than after a round trip through Serve's queue.
-    Classify: one full batch per stitch, so each stitch's `@serve.batch` can fill (DESIGN pitfall)."""
+    Classify: one full batch per stitch, so each stitch's `@serve.batch` can fill (docs/DESIGN_NOTES.md section 4)."""
     if p.task != "classify":
         return 2 * p.max_batch_size
     try:

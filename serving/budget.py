@@ -1,6 +1,6 @@
 """The `X-Compute-Budget` header: grammar, parser and the typed `Budget` it produces.
 
-Grammar (DESIGN.md section 3), case-insensitive, spaces allowed anywhere between tokens:
+Grammar (docs/DESIGN_NOTES.md section 3), case-insensitive, spaces allowed anywhere between tokens:
 
     budget   := term ("," term)*                 every term must hold
     term     := number unit

@@ -4,7 +4,7 @@
 block of a Ray Serve config file (`deploy/*.yaml`), so `serve run` / `serve deploy` and
 `stitchserve serve` validate the same way. Nested Ray options (`autoscaling_config`,
 `ray_actor_options`) are checked against Serve's own schema, and keys Serve would silently ignore
-(e.g. `target_num_ongoing_requests_per_replica`, DESIGN pitfall) are rejected.
+(e.g. `target_num_ongoing_requests_per_replica`, docs/DESIGN_NOTES.md section 4) are rejected.
 """
 from __future__ import annotations
 

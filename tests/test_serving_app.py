@@ -318,7 +318,7 @@ def _engine(http) -> dict:
 
 
 def test_request_timeout_cancels(http, stitches):
-    # Ray's proxy owns x-request-timeout-seconds (DESIGN pitfall): it answers 408 and cancels the request
+    # Ray's proxy owns x-request-timeout-seconds (docs/DESIGN_NOTES.md section 4): it answers 408, cancels the request
     # down the chain; the ingress applies the same header (and its configured timeout, 504) itself.
     sid = stitches[3]["id"]
     # The timeout is a third of what 900 tokens take at this replica's measured per-token latency (and

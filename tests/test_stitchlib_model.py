@@ -219,7 +219,7 @@ def test_8bit_frozen_weights_keep_lora_gradients_after_eval(tiny_pair):
     quantize_anchor(L, "8bit")
     model = StitchedLM(S, L)
     ids = _ids()
-    with torch.no_grad():  # the eval pass that breaks 4-bit LoRA on CPU (DESIGN.md section 4)
+    with torch.no_grad():  # the eval pass that breaks 4-bit LoRA on CPU (docs/DESIGN_NOTES.md section 4)
         model(ids, "s1-l2")
     loss = lm_loss(model(ids, "s1-l2"), ids)
     loss.backward()

@@ -164,7 +164,7 @@ def test_chat_loss_on_labelled_positions_equals_the_full_forward(tmp_path, tiny_
 
 
 def test_lora_gets_gradients_after_an_eval_pass_with_8bit_anchors(tmp_path):
-    """DESIGN.md pitfall: a no-grad forward through quantized frozen weights must not cut LoRA off."""
+    """docs/DESIGN_NOTES.md section 4: a no-grad forward through quantized frozen weights must not cut LoRA off."""
     pytest.importorskip("bitsandbytes")
     from training.task_data import load_examples
     from training.trainer import Trainer, evaluate

@@ -96,7 +96,7 @@ class TrainConfig(BaseModel):
 
     # ---- system -------------------------------------------------------------------------------
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="frozen anchor weights "
-                                                          "(bitsandbytes; 8bit on CPU, see DESIGN.md)")
+                                                          "(bitsandbytes; 8bit on CPU, see docs/DESIGN_NOTES.md)")
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="anchor dtype and autocast dtype "
                                                   "(PST tensors are always float32)")
     device: str = Field("cpu", description="torch device")

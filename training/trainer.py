@@ -248,8 +248,9 @@ class Trainer:
         log.info("stitching layers taken from %s", palette)
 
     def check_gradients(self) -> None:
-        """LoRA must still receive gradients after the no-grad calibration pass (DESIGN.md: 4-bit
-        bitsandbytes on CPU repacks weights on a no-grad forward and silently cuts LoRA off)."""
+        """LoRA must still receive gradients after the no-grad calibration pass (docs/DESIGN_NOTES.md
+        section 4: 4-bit bitsandbytes on CPU repacks weights on a no-grad forward and silently cuts LoRA
+        off)."""
         if not self.cfg.shared_lora:
             return
         ids = torch.tensor([self.enc.train[0]["input_ids"][:16]], device=self.device)
