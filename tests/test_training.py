@@ -529,3 +529,35 @@ def test_calibration_from_an_init_palette(tmp_path):
         assert torch.equal(ls[k], trained[k]), k
     assert res.manifest.training["timings"]["calibration_s"] == 0.0
     assert "calibration_residual" in res.manifest.stitches[1].metrics
+
+
+def test_pareto_deployment_and_regate(tmp_path):
+    """`--deploy pareto` gates every evaluated stitch, not only the SNIP picks; training/regate.py applies
+    the same rule to a palette already written: it re-measures every route on the palette's own
+    validation split (the same numbers the run recorded) and rewrites the manifest with the verdicts."""
+    from stitchlib.gate import GateRow, select_deployment
+    from stitchlib.palette import read_manifest
+    from training.adapt_llama import main
+    from training.config import TrainingError, make_config
+    from training.regate import regate
+
+    data = write_chat(tmp_path / "d.json", n=40)
+    common = [*TINY, "--task", "chat", "--data", str(data), "--steps", "3", "--batch-size", "4", "--seq-len", "48",
+              "--eval-size", "8", "--calib-size", "16", "--dtype", "float32", "--checkpoint-every", "0",
+              "--no-progress", "--gate-confidence", "0"]
+    assert main([*common, "--out", str(tmp_path / "snip")]) == 0
+    assert main([*common, "--out", str(tmp_path / "pareto"), "--deploy", "pareto"]) == 0
+    snip, pareto = read_manifest(tmp_path / "snip"), read_manifest(tmp_path / "pareto")
+    # same run (same seed), so the same numbers; pareto deploys by the gate over all of them
+    expect = select_deployment([GateRow(s.id, s.gflops, s.metrics["neg_loss"]) for s in snip.stitches])
+    assert [s.id for s in pareto.deployed()] == expect.deployed_ids()
+    assert all(s.dropped for s in pareto.stitches if not s.deployed)
+    rec = regate(tmp_path / "snip", z=0.0, progress=False)
+    again = read_manifest(tmp_path / "snip")
+    assert rec["deployed"] == [s.id for s in again.deployed()] == expect.deployed_ids()
+    for old, new in zip(snip.stitches, again.stitches):
+        assert new.metrics["neg_loss"] == pytest.approx(old.metrics["neg_loss"], abs=1e-5), old.id
+    assert again.training["config"]["deploy"] == "pareto" and again.training["gate"]["val_examples"] == 8
+    with pytest.raises(TrainingError, match="eval-stitches all"):
+        make_config(small="tiny-small", large="tiny-large", data=str(data), out=str(tmp_path / "x"),
+                    deploy="pareto", eval_stitches="deployed")

@@ -23,7 +23,7 @@ class TrainingError(StitchError):
 # Fields that change how a run executes but not what it computes: they may differ on --resume and
 # stay out of the checkpoint's identity.
 RUNTIME_FIELDS = frozenset({"resume", "overwrite", "progress", "checkpoint_every", "checkpoint_dir",
-                            "keep_checkpoint", "deploy_tries"})  # deploy_tries: chosen after training
+                            "keep_checkpoint", "deploy_tries", "deploy"})  # deploy*: chosen after training
 
 
 class TrainConfig(BaseModel):
@@ -85,6 +85,11 @@ class TrainConfig(BaseModel):
     deploy_tries: int = Field(3, ge=0, description="a deployed stitch that validates below the small anchor "
                               "is replaced by the next SNIP score of its interval, up to this many per "
                               "interval (then the interval gets no route); 0: top score unchecked, as ESTA")
+    deploy: Literal["snip", "pareto"] = Field("snip", description="snip: ESTA's rule, each cost interval's top "
+                                              "SNIP score (checked against the small anchor), then the gate; "
+                                              "pareto: the gate over every evaluated stitch (needs --eval-stitches "
+                                              "all), so every stitch between the anchors and on the measured "
+                                              "quality-vs-cost front is deployed")
     snip_warmup_steps: int | None = Field(None, ge=0, description="uniform-sampling steps before SNIP "
                                           "sampling starts (default 20% of the stitching steps)")
     distill: bool = Field(True, description="inplace distillation: the stitch also learns the large "
@@ -120,6 +125,8 @@ class TrainConfig(BaseModel):
         if self.calibration_from and self.adapt_anchors_first:
             raise ValueError("--adapt-anchors-first calibrates on the adapted anchors; it cannot take "
                              "--calibration-from")
+        if self.deploy == "pareto" and self.eval_stitches != "all":
+            raise ValueError("--deploy pareto chooses among every evaluated stitch: it needs --eval-stitches all")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues a run and --overwrite starts over: give one of them")
         return self

@@ -451,14 +451,17 @@ class Trainer:
         and on the Pareto front of quality vs cost. Its rejected stitches go through the gate too,
         so every stitch evaluated for deployment carries a verdict and a reason."""
         m = self.model
-        slots = sorted({*dep.slots, *dep.rejected})
-        rows = [GateRow(m.stitches[s].id, m.cost(m.stitches[s]).gflops, dep.quality.get(s),
-                        self.samples.get(m.stitches[s].id)) for s in slots]
-        # chat: a stitch must win by more than gate_confidence paired standard errors on the validation
-        # examples (stitchlib.gate); without per-example samples (classify, or measured before a resume)
-        # the margin is 0
-        res = select_deployment(rows, small_id=m.stitches[self.small_slot].id,
-                                large_id=m.stitches[self.large_slot].id, z=self.cfg.gate_confidence)
+        if self.cfg.deploy == "pareto":  # every evaluated stitch is a candidate, not only the SNIP picks
+            res = pareto_gate(m, self.metrics, self.samples, quality_metric(self.cfg.task), self.cfg.gate_confidence)
+        else:
+            slots = sorted({*dep.slots, *dep.rejected})
+            rows = [GateRow(m.stitches[s].id, m.cost(m.stitches[s]).gflops, dep.quality.get(s),
+                            self.samples.get(m.stitches[s].id)) for s in slots]
+            # chat: a stitch must win by more than gate_confidence paired standard errors on the validation
+            # examples (stitchlib.gate); without per-example samples (classify, or measured before a
+            # resume) the margin is 0
+            res = select_deployment(rows, small_id=m.stitches[self.small_slot].id,
+                                    large_id=m.stitches[self.large_slot].id, z=self.cfg.gate_confidence)
         rejected = {m.stitches[s].id for s in dep.rejected}  # validated_deploy already warned about these
         for d in res.dropped():
             if d.id not in rejected:
@@ -467,6 +470,17 @@ class Trainer:
             log.warning("the large anchor validates no better than the small one (%s %.4g vs %.4g): no stitch "
                         "can lie between them", quality_metric(self.cfg.task), res.large_quality, res.small_quality)
         return res
+
+
+def pareto_gate(model: StitchedLM, metrics: dict[str, dict[str, float]], samples: dict[str, tuple[float, ...]],
+                quality: str, z: float) -> GateResult:
+    """The gate (stitchlib.gate.select_deployment) over every measured route of `model`: what
+    `--deploy pareto` and training/regate.py deploy. Unmeasured routes are dropped as not_measured."""
+    rows = [GateRow(s.id, model.cost(s).gflops, metrics.get(s.id, {}).get(quality), samples.get(s.id))
+            for s in model.stitches]
+    small = next(s.id for s in model.stitches if s.kind == "small")
+    large = next(s.id for s in model.stitches if s.kind == "large")
+    return select_deployment(rows, small_id=small, large_id=large, z=z)
 
 
 @torch.no_grad()
