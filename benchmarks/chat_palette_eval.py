@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from stitchlib import data as D
-from stitchlib.fileio import sha256_file
 from stitchlib.palette import chat_calibration_split, read_manifest
 from stitchlib.quality import chat_eval_batches, route_nll
 from stitchlib.runtime import PaletteRuntime
@@ -73,21 +72,28 @@ def held_out(trainings: list[dict], n: int) -> dict[str, list]:
     return out
 
 
-def evaluate(path: str, sets: dict[str, list], threads: int) -> dict:
+def measure(path: str, sets: dict[str, list]) -> dict[str, dict]:
+    """Every route's response NLL on each test set."""
     rt = PaletteRuntime.load(path, dtype="bfloat16")
-    m, model = rt.manifest, rt.model
-    tok = model.small_anchor.tokenizer
-    result = {"palette": str(path), "training": m.training, "sets": {}, "stitches": {}}
+    tok = rt.model.small_anchor.tokenizer
+    out = {}
     for src, exs in sets.items():
-        res = route_nll(model, chat_eval_batches(tok, exs, batch_size=8), progress=True)
-        result["sets"][src] = {"examples": len(exs), "nll": {i: r.loss for i, r in res.items()}}
+        res = route_nll(rt.model, chat_eval_batches(tok, exs, batch_size=8), progress=True)
+        out[src] = {"examples": len(exs), "nll": {i: r.loss for i, r in res.items()}}
+    return out
+
+
+def judge(path: str, sets_nll: dict[str, dict]) -> dict:
+    """The palette's current deployment (its manifest) checked against the promise on the measured sets."""
+    m = read_manifest(path)
+    result = {"palette": str(path), "training": m.training, "sets": sets_nll, "stitches": {}}
     for s in m.stitches:  # validation NLL: what the gate decided on
         val = -s.metrics["neg_loss"] if "neg_loss" in s.metrics else s.metrics.get("loss")
         result["stitches"][s.id] = {"gflops": s.gflops, "deployed": s.deployed, "dropped": s.dropped, "val_nll": val}
     checks = {}
-    for src, r in result["sets"].items():
+    dep = [s.id for s in sorted(m.deployed(), key=lambda s: s.gflops)]
+    for src, r in sets_nll.items():
         nll = r["nll"]
-        dep = [s.id for s in sorted(m.deployed(), key=lambda s: s.gflops)]
         inner = [i for i in dep if i not in ("small", "large")]
         between = [i for i in inner if nll["large"] < nll[i] < nll["small"]]
         falling = all(nll[a] > nll[b] for a, b in zip(dep, dep[1:]))
@@ -97,7 +103,6 @@ def evaluate(path: str, sets: dict[str, list], threads: int) -> dict:
                                                  if i not in ("small", "large"))}
         print(Path(path).name, src, json.dumps(checks[src]))
     result["checks"] = checks
-    del model, rt
     return result
 
 
@@ -121,14 +126,18 @@ def main() -> None:
     results = {}
     for path, name in zip(args.palettes, names):
         out = RESULTS / f"chat_palette_{name}.json"
-        manifest_sha = sha256_file(Path(path) / "manifest.json")
+        # the same weights measured on the same examples are not measured again; the deployment is
+        # always judged from the manifest as it is now (training/regate.py rewrites only the manifest)
+        weights = hashlib.sha256(json.dumps(read_manifest(path).model_dump(mode="json")["files"],
+                                            sort_keys=True).encode()).hexdigest()
         old = json.loads(out.read_text()) if out.is_file() else {}
-        if old.get("test_sha256") == test_sha and old.get("manifest_sha256") == manifest_sha:
-            print("reusing", out)
-            results[name] = old
-            continue
-        result = evaluate(path, sets, args.threads)
-        result.update(test_sha256=test_sha, manifest_sha256=manifest_sha, compared_with=[n for n in names if n != name])
+        if old.get("test_sha256") == test_sha and old.get("weights_sha256") == weights:
+            print("reusing the measurements of", out)
+            sets_nll = old["sets"]
+        else:
+            sets_nll = measure(path, sets)
+        result = judge(path, sets_nll)
+        result.update(test_sha256=test_sha, weights_sha256=weights, compared_with=[n for n in names if n != name])
         out.write_text(json.dumps(result, indent=1))
         plot(result, out.with_suffix(".png"), name)
         print("wrote", out)
