@@ -18,9 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `python benchmarks/x.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stitchlib.fileio import cache_root  # noqa: E402  (torch-free)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-RUNS = Path(os.environ.get("STITCHSERVE_BENCH_RUNS", Path.home() / ".cache" / "stitchserve" / "bench-runs"))
+# run directories live under the cache root ($STITCHSERVE_HOME or ~/.cache/stitchserve), like anchors
+RUNS = Path(os.environ.get("STITCHSERVE_BENCH_RUNS") or cache_root() / "bench-runs")
 REAL = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 TINY = ("tiny-small", "tiny-large")
 
