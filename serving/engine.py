@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stitchlib.data import render_messages
+
 from .logprobs import token_bytes_fn
 from .scheduler import EngineError, EngineLoop, GenerationStream, StepStats
 
@@ -164,8 +166,12 @@ class RuntimeEngine(EngineClient):
         return self.rt.tokenizer.decode(ids, skip_special_tokens=True)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.rt.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=False)
+        # exactly as the palette was fitted/trained (its manifest's prompt format); palettes that predate
+        # the record get the tokenizer's chat template, as before
+        fmt = self.rt.manifest.prompt_format
+        return render_messages(self.rt.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                               template=fmt.template if fmt else "chat",
+                               system_prompt=fmt.system_prompt if fmt else None)
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._token_bytes(token_id)

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "IGNORE_INDEX", "BUILTIN_SOURCES", "PYDOCS_MODULES", "ChatExample", "ClassifyExample",
     "EncodedDataset", "Batches", "load_chat", "load_classify", "build_pydocs", "pydocs_cache_path",
-    "split", "user_message", "uses_chat_template", "render_prompt", "encode_prompt", "encode_chat",
+    "split", "user_message", "uses_chat_template", "prompt_template", "render_prompt", "render_messages", "encode_prompt", "encode_chat",
     "encode_classify", "pad_token_id", "collate",
 ]
 
@@ -498,6 +498,38 @@ def encode_prompt(tokenizer: Any, instruction: str, input: str = "", *,
     text = render_prompt(tokenizer, instruction, input, template=template, system_prompt=system_prompt)
     lead = [] if uses_chat_template(tokenizer, template) else _leading_ids(tokenizer)
     return lead + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_template(tokenizer: Any, template: Literal["auto", "chat", "alpaca"] = "auto") -> Literal["chat", "alpaca"]:
+    """The template `encode_chat` / `render_prompt` resolve `template` to: what a palette records in its
+    manifest (`PaletteManifest.prompt_format`) so that serving renders prompts exactly as it was trained."""
+    return "chat" if uses_chat_template(tokenizer, template) else "alpaca"
+
+
+def render_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]], *,
+                    template: Literal["chat", "alpaca"] = "chat", system_prompt: str | None = None,
+                    add_generation_prompt: bool = True) -> str:
+    """Serving's prompt for OpenAI-style `messages`, in the format the palette was trained with, so that
+    one user turn renders to exactly the text (and, encoded without special tokens, the ids) of
+    :func:`encode_prompt` for the same instruction.
+
+    chat: the tokenizer's chat template; the palette's `system_prompt` is put first unless the client sent
+    its own system message. alpaca: one user turn (after an optional system message, which the Alpaca
+    preamble replaces) becomes the Alpaca prompt, preceded by the tokenizer's leading special tokens
+    (BOS) as text; anything else raises ValueError (Alpaca has no multi-turn form)."""
+    msgs = [dict(m) for m in messages]
+    if template == "chat":
+        if system_prompt is not None and not any(m.get("role") == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+    if template != "alpaca":
+        raise ValueError(f"template must be 'chat' or 'alpaca', got {template!r}")
+    turns = [m for m in msgs if m.get("role") != "system"]
+    if len(turns) != 1 or turns[0].get("role") != "user" or not add_generation_prompt:
+        raise ValueError("this palette was trained on single-turn Alpaca prompts: send one user message "
+                         "(optionally after a system message)")
+    lead = tokenizer.decode(_leading_ids(tokenizer))
+    return lead + _alpaca_prompt(ChatExample(str(turns[0].get("content", "")), "", ""))
 
 
 def _alpaca_prompt(ex: ChatExample) -> str:

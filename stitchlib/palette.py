@@ -12,9 +12,11 @@ and raises `PaletteError` with one clear sentence for each failure.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -24,6 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
+from . import data as D
 from .errors import PaletteError
 from .fileio import sha256_file
 from .gate import GateResult, GateRow
@@ -71,6 +74,16 @@ class FileEntry(BaseModel):
     tensors: int
 
 
+class PromptFormat(BaseModel):
+    """How chat prompts were rendered when the palette was fitted or trained; serving renders every
+    chat request the same way (stitchlib.data.render_messages). A palette served with another format
+    than it learnt on answers worse (benchmarks/CHAT_INIT.md, section 1: the main cause of bad stitches)."""
+
+    template: Literal["chat", "alpaca"] = Field(description="the tokenizer's chat template, or the Alpaca prompt")
+    system_prompt: str | None = Field(None, description="system message put first when the client sends none "
+                                                        "(None: the template's own default, if any)")
+
+
 class PaletteManifest(BaseModel):
     format_version: int
     name: str
@@ -81,6 +94,9 @@ class PaletteManifest(BaseModel):
     labels: list[str] | None = None
     context_len: int = 512
     quality_metric: str | None = Field(None, description="metrics key ranking stitches, higher is better")
+    # None in palettes written before it was recorded (and in classify palettes): chat requests are
+    # then rendered with the tokenizer's chat template, as they always were
+    prompt_format: PromptFormat | None = None
     pst: PSTConfig = Field(default_factory=PSTConfig)
     space: StitchSpaceConfig = Field(default_factory=StitchSpaceConfig)
     stitches: list[StitchEntry]
@@ -225,8 +241,13 @@ def anchor_ref(anchor) -> AnchorRef:
 def build_manifest(model, *, name: str, task: Literal["chat", "classify"], labels: list[str] | None = None,
                    scores: dict[str, float] | None = None, deployed: set[str] | None = None,
                    metrics: dict[str, dict[str, float]] | None = None, quality_metric: str | None = None,
-                   training: dict[str, Any] | None = None) -> PaletteManifest:
-    """Manifest of a StitchedLM's palette. `deployed` defaults to every stitch."""
+                   training: dict[str, Any] | None = None,
+                   prompt_format: PromptFormat | None = None) -> PaletteManifest:
+    """Manifest of a StitchedLM's palette. `deployed` defaults to every stitch. `prompt_format` (chat):
+    how the palette's chat data was rendered; default: the tokenizer's chat template if it has one, else
+    Alpaca, no system prompt (what stitchlib.data.encode_chat does by default)."""
+    if task == "chat" and prompt_format is None:
+        prompt_format = PromptFormat(template=D.prompt_template(model.small_anchor.tokenizer))
     scores, metrics = scores or {}, metrics or {}
     rows = []
     for s in model.stitches:
@@ -236,7 +257,8 @@ def build_manifest(model, *, name: str, task: Literal["chat", "classify"], label
                                 deployed=(deployed is None or s.id in deployed), metrics=metrics.get(s.id, {})))
     return PaletteManifest(format_version=FORMAT_VERSION, name=name, small=anchor_ref(model.small_anchor),
                            large=anchor_ref(model.large_anchor), task=task, labels=labels,
-                           context_len=model.context_len, quality_metric=quality_metric, pst=model.pst_cfg,
+                           context_len=model.context_len, quality_metric=quality_metric,
+                           prompt_format=prompt_format if task == "chat" else None, pst=model.pst_cfg,
                            space=model.space_cfg, stitches=rows, training=training or {})
 
 
@@ -248,11 +270,6 @@ def chat_calibration_split(sources: tuple[str, ...] | list[str], *, n_calibratio
     """Chat examples for a least-squares palette: `n_calibration` to fit the stitching layers and
     `n_validation` held out to measure every route, drawn evenly from each source; no example is in
     both. Deterministic in the seed (stitchlib.data.split ranks examples by a hash of their content)."""
-    import itertools
-    import random
-
-    from . import data as D
-
     if not sources:
         raise PaletteError("a chat palette needs at least one calibration data source")
     calib, held_by_source = [], []
@@ -289,10 +306,10 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     between the anchors and on the quality-vs-cost front, each by more than `confidence` standard
     errors of its paired difference on those examples, are deployed (stitchlib.gate); the manifest
     records each one's quality (`neg_loss`, the router's ranking) and why the others were dropped.
-    The measurement runs in two stages so that a split large enough to tell neighbouring stitches
-    apart stays affordable: every route on the first `n_screen` examples, then only the routes not
-    clearly worse than the small anchor (stitchlib.gate.screen) on the rest (`n_screen=0`: all routes
-    on all examples). `n_validation=0` skips the measurement: every stitch is deployed and serving ranks them by size
+    The measurement is a race, so that a split large enough to tell neighbouring stitches apart stays
+    affordable: every route on the first `n_screen` examples, then slice after slice of `n_screen`
+    more, each only on the routes not clearly worse than the small anchor on all they have seen so far
+    (stitchlib.gate.screen; `n_screen=0`: all routes on all examples). `n_validation=0` skips the measurement: every stitch is deployed and serving ranks them by size
     (the tests' synthetic pair, whose random weights have no quality to measure).
     classify: fitted on `calibration_texts` (default: standard-library docstrings); its heads are
     untrained, so there is no quality to gate on and every stitch is deployed.
@@ -318,8 +335,6 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     bs = 8
     val_examples: list = []
     if task == "chat" and calibration_texts is None:
-        from . import data as D
-
         calib, val_examples = chat_calibration_split(list(chat_data), n_calibration=n_calibration,
                                                      n_validation=n_validation, seed=seed)
         recs = D.encode_chat(calib, tok, max_len)
@@ -347,35 +362,42 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
                                 "calibration_sequences": calibration["sequences"], "max_len": max_len, "seed": seed}
     quality_metric = None
     if val_examples:
-        from .quality import chat_eval_batches, route_nll
+        from .quality import RouteNLL, chat_eval_batches, route_nll
 
         def rows(res: dict) -> list[GateRow]:  # route results -> gate input, with per-example samples
             return [GateRow(i, model.cost(model.get(i)).gflops, -r.loss, tuple(r.samples())) for i, r in res.items()]
 
         t0 = time.time()
-        # Two stages: every route on the first `n_screen` examples, then only the routes not clearly
-        # worse than the small anchor (gate.screen) on the rest; deployment is decided on the whole split.
+        # Sequential looks (a race): every route on the first `n_screen` examples, then each further
+        # slice of `n_screen` only on the routes not clearly worse than the small anchor so far
+        # (gate.screen on everything each survivor has seen); deployment is decided on the whole split.
         n1 = n_screen if 0 < n_screen < len(val_examples) else len(val_examples)
-        stages = [chat_eval_batches(tok, val_examples[:n1], batch_size=bs)]
-        measured = route_nll(model, stages[0], progress=progress)
-        keep, screened = list(measured), []
-        if n1 < len(val_examples):
-            keep, screened = screen(rows(measured), z=SCREEN_Z)
-            stages.append(chat_eval_batches(tok, val_examples[n1:], batch_size=bs))
-            more = route_nll(model, stages[1], keep, progress=progress)
-            measured = {i: r + more[i] if i in more else r for i, r in measured.items()}
+        looks = [*range(n1, len(val_examples), n1), len(val_examples)]
+        measured: dict[str, RouteNLL] = {}
+        seen: dict[str, int] = {}  # examples each route was measured on
+        small_at: dict[int, GateRow] = {}  # the small anchor's row after each look (screened routes' SE)
+        keep, screened, response_tokens, lo = [s.id for s in model.stitches], [], 0, 0
+        for k, hi in enumerate(looks):
+            batches = chat_eval_batches(tok, val_examples[lo:hi], batch_size=bs)
+            response_tokens += sum(int((b[2][:, 1:] != -100).sum()) for b in batches)
+            if progress and len(looks) > 1:
+                log.info("validation look %d/%d: %d routes on examples %d-%d", k + 1, len(looks), len(keep), lo, hi)
+            for i, r in route_nll(model, batches, keep, progress=progress).items():
+                measured[i], seen[i] = (measured[i] + r if i in measured else r), hi
+            small_at[hi] = rows({"small": measured["small"]})[0]
+            if hi < len(val_examples):
+                keep, drops = screen(rows({i: measured[i] for i in keep}), z=SCREEN_Z)
+                screened += drops
+            lo = hi
         gate_input = rows({i: measured[i] for i in keep})
-        small_row = gate_input[keep.index("small")]
-        small_first = GateRow("small", small_row.cost, None, small_row.samples[:n1])
         for row in rows(measured):
-            metrics.setdefault(row.id, {}).update(measured[row.id].metrics())
+            metrics.setdefault(row.id, {}).update(measured[row.id].metrics(), eval_examples=float(seen[row.id]))
             if row.id != "small":  # how noisy its difference to the small anchor is, on the examples it saw
-                metrics[row.id]["neg_loss_se_vs_small"] = paired_se(row, small_row if row.id in keep else small_first)
+                metrics[row.id]["neg_loss_se_vs_small"] = paired_se(row, small_at[seen[row.id]])
         quality_metric = "neg_loss"
         training["validation"] = {"data": list(chat_data), "examples": len(val_examples), "screen_examples": n1,
-                                  "screened_out": [d.id for d in screened],
-                                  "response_tokens": int(sum(int((b[2][:, 1:] != -100).sum())
-                                                             for vb in stages for b in vb)),
+                                  "looks": looks, "screened_out": [d.id for d in screened],
+                                  "response_tokens": response_tokens,
                                   "metric": quality_metric, "seconds": round(time.time() - t0, 1)}
     else:
         training["gate"] = {"off": "no validation measurement (n_validation=0)" if task == "chat" else

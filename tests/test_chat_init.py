@@ -172,9 +172,10 @@ def test_init_palette_calibrates_on_the_chat_template_and_gates(tmp_path, tiny_m
 @pytest.mark.parametrize("force", [False, True], ids=["as-measured", "all-screened"])
 def test_two_stage_validation_measures_survivors_on_the_whole_split(tmp_path, tiny_model, chat_file, monkeypatch,
                                                                     force):
-    """n_screen < n_validation: every route is measured on the first n_screen held-out examples, the
-    routes gate.screen keeps on all of them; each route's recorded loss is exactly route_nll's over the
-    examples it saw, and the gate decides on the survivors' whole-split numbers."""
+    """n_screen < n_validation: a race over slices of n_screen held-out examples (here 4, 8, 10): every
+    route on the first slice, then each slice only on the routes gate.screen keeps on all they saw;
+    each route's recorded loss is exactly route_nll's over the examples it saw, and the gate decides on
+    the survivors' whole-split numbers."""
     import stitchlib.gate as gate_mod
     from stitchlib.gate import GateRow, select_deployment
     from stitchlib.palette import chat_calibration_split, init_palette, load_palette
@@ -185,7 +186,7 @@ def test_two_stage_validation_measures_survivors_on_the_whole_split(tmp_path, ti
                        progress=False, dtype="float32")
     m, tensors = load_palette(out)
     v = m.training["validation"]
-    assert v["examples"] == 10 and v["screen_examples"] == 4
+    assert v["examples"] == 10 and v["screen_examples"] == 4 and v["looks"] == [4, 8, 10]
     screened = set(v["screened_out"])
     if force:
         assert screened == {s.id for s in m.stitches} - {"small", "large"}
@@ -196,10 +197,14 @@ def test_two_stage_validation_measures_survivors_on_the_whole_split(tmp_path, ti
     model.eval()
     _, val = chat_calibration_split([str(chat_file)], n_calibration=12, n_validation=10, seed=0)
     tok = model.small_anchor.tokenizer
-    first = route_nll(model, chat_eval_batches(tok, val[:4]))
-    whole = route_nll(model, chat_eval_batches(tok, val))
+    by_n = {n: route_nll(model, chat_eval_batches(tok, val[:n])) for n in (4, 8, 10)}
+    whole = by_n[10]
+    if force:
+        assert {s.metrics["eval_examples"] for s in m.stitches if s.id in screened} == {4.0}
     for s in m.stitches:
-        ref = first[s.id] if s.id in screened else whole[s.id]
+        n = int(s.metrics["eval_examples"])
+        assert (n < 10) == (s.id in screened), s.id
+        ref = by_n[n][s.id]
         assert s.metrics["eval_tokens"] == ref.tokens, s.id
         assert s.metrics["loss"] == pytest.approx(ref.loss, abs=1e-4), s.id
     survivors = [GateRow(s.id, s.gflops, -whole[s.id].loss, tuple(whole[s.id].samples()))

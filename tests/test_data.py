@@ -468,3 +468,39 @@ def test_split_errors_name_the_source():
         split(examples, val_fraction=-0.5)
     with pytest.raises(DataError, match="empty"):
         split([], source="x.jsonl")
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving's prompt: the palette's recorded format, rendered as training rendered it
+# --------------------------------------------------------------------------------------------------
+
+
+def test_render_messages_matches_training_prompts(tok):
+    """One user turn renders to exactly training's prompt (text and ids), with or without a system
+    prompt; the palette's system prompt yields to the client's own system message."""
+    user = [{"role": "user", "content": "Say hi."}]
+    assert D.render_messages(tok, user) == render_prompt(tok, "Say hi.")
+    with_sys = D.render_messages(tok, user, system_prompt="Be brief.")
+    assert with_sys == render_prompt(tok, "Say hi.", system_prompt="Be brief.")
+    rec = encode_chat([ChatExample("Say hi.", "", "Hi!")], tok, 256, system_prompt="Be brief.")[0]
+    assert tok(with_sys, add_special_tokens=False)["input_ids"] == _parts(rec)[0]
+    own = [{"role": "system", "content": "Be long."}] + user
+    assert D.render_messages(tok, own, system_prompt="Be brief.") == render_prompt(tok, "Say hi.",
+                                                                                   system_prompt="Be long.")
+    assert D.prompt_template(tok) == "chat" and D.prompt_template(tok, "alpaca") == "alpaca"
+
+
+def test_render_messages_alpaca_gives_training_ids_and_refuses_multi_turn():
+    bos_tok = make_tokenizer(chat_template=False, bos=True)
+    assert D.prompt_template(bos_tok) == "alpaca"
+    text = D.render_messages(bos_tok, [{"role": "system", "content": "ignored"}, {"role": "user", "content": "Say hi."}],
+                             template="alpaca")
+    rec = encode_chat([ChatExample("Say hi.", "", "Hi!")], bos_tok, 512)[0]
+    ids = bos_tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == _parts(rec)[0] == encode_prompt(bos_tok, "Say hi.") and ids.count(bos_tok.bos_token_id) == 1
+    for bad in ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                 {"role": "user", "content": "c"}], [{"role": "assistant", "content": "b"}]):
+        with pytest.raises(ValueError, match="single-turn Alpaca"):
+            D.render_messages(bos_tok, bad, template="alpaca")
+    with pytest.raises(ValueError, match="template"):
+        D.render_messages(bos_tok, [{"role": "user", "content": "a"}], template="vicuna")

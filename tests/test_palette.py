@@ -189,3 +189,33 @@ def test_runtime_classify(tmp_path):
     assert all(sum(o.values()) == pytest.approx(1.0, abs=1e-5) for o in out)
     with pytest.raises(PaletteError, match="at least two labels"):
         init_palette(tmp_path / "bad", task="classify", labels=["one"], progress=False)
+
+
+def test_prompt_format_recorded_and_served_as_recorded(chat_palette, tmp_path):
+    """A chat palette records how its data was rendered; serving's prompt for a chat request follows
+    the record (here edited to add a system prompt), and equals training's prompt ids for it. A
+    manifest from before the field loads with None and is served with the chat template, as before."""
+    from serving.engine import RuntimeEngine
+    from stitchlib import data as D
+    from stitchlib.data import ChatExample
+
+    m = read_manifest(chat_palette)
+    assert m.prompt_format is not None and m.prompt_format.model_dump() == {"template": "chat", "system_prompt": None}
+    pal = tmp_path / "sys"
+    shutil.copytree(chat_palette, pal)
+    raw = json.loads((pal / "manifest.json").read_text())
+    raw["prompt_format"]["system_prompt"] = "Answer in one line."
+    (pal / "manifest.json").write_text(json.dumps(raw))
+    eng = RuntimeEngine.load(str(pal))
+    tok = eng.rt.tokenizer
+    msgs = [{"role": "user", "content": "Write a square function."}]
+    rec = D.encode_chat([ChatExample("Write a square function.", "", "x")], tok, 256,
+                        system_prompt="Answer in one line.")[0]
+    prompt_ids = [t for t, lab in zip(rec["input_ids"], rec["labels"]) if lab == D.IGNORE_INDEX]
+    assert eng.encode(eng.render_chat(msgs)) == prompt_ids
+    assert eng.render_chat(msgs).count("Answer in one line.") == 1
+    del raw["prompt_format"]
+    (pal / "manifest.json").write_text(json.dumps(raw))
+    old = RuntimeEngine.load(str(pal))
+    assert old.rt.manifest.prompt_format is None
+    assert old.render_chat(msgs) == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)

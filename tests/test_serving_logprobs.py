@@ -15,6 +15,8 @@ import torch
 
 from serving_fixtures import API_KEY, http, served  # noqa: F401 (fixtures)
 
+from stitchlib.data import encode_prompt
+
 pytestmark = pytest.mark.timeout(300)
 
 CHAT = "tinychat"
@@ -196,6 +198,9 @@ def test_tokenizer_endpoints(http, rt):
     assert chat["tokens"] == rt.tokenizer(rt.tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False),
         add_special_tokens=False)["input_ids"]
+    # the palette's recorded prompt format is what training encodes (stitchlib.data.encode_prompt)
+    assert rt.manifest.prompt_format.template == "chat"
+    assert chat["tokens"] == encode_prompt(rt.tokenizer, "hi")
     assert http.post("/detokenize", json={"tokens": [10 ** 9]}).status_code == 400
     assert http.post("/tokenize", json={"prompt": "a", "messages": [{"role": "user", "content": "b"}]}).status_code == 400
     lone = b'{"prompt": "a\\ud800b"}'  # a lone surrogate: valid JSON, not text a tokenizer takes -> 400, not 500
