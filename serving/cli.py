@@ -43,6 +43,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     rt.add_argument("--num-gpus", type=float, help="GPUs per replica")
     rt.add_argument("--device", help="cpu | cuda (default cpu)")
     rt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    rt.add_argument("--quantize", choices=["none", "int8", "int4"],
+                    help="weight-only quantized anchors (default none; benchmarks/QUANT.md)")
     rt.add_argument("--default-budget", help="X-Compute-Budget applied when a request sends none")
     rt.add_argument("--max-batch-size", type=int)
     ray_g = p.add_argument_group("Ray")
@@ -73,7 +75,8 @@ def config_from_args(args: argparse.Namespace):
         if val is not None:
             base[key] = val
     for pal in base["palettes"]:
-        for key, val in (("device", args.device), ("dtype", args.dtype), ("default_budget", args.default_budget),
+        for key, val in (("device", args.device), ("dtype", args.dtype), ("quantize", args.quantize),
+                         ("default_budget", args.default_budget),
                          ("max_batch_size", args.max_batch_size)):
             if val is not None:
                 pal[key] = val

@@ -141,6 +141,9 @@ class PaletteDeploymentConfig(_Strict):
     task: Literal["chat", "classify"] | None = Field(None, description="default: from the manifest")
     device: str = "cpu"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quantize: Literal["none", "int8", "int4"] = Field("none", description="anchors' linears held as weight-only "
+                                                      "int8 / int4 codes after the LoRA merge; stitching layers and "
+                                                      "stitch-specific biases stay exact (benchmarks/QUANT.md)")
     # routing
     default_budget: str | None = Field(None, description="X-Compute-Budget applied when a request has none")
     percent_basis: PercentBasis = Field("gflops", description="what a '<n>%' budget is a share of")

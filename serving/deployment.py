@@ -109,7 +109,8 @@ class PaletteServer:
         self.cfg = PaletteDeploymentConfig.model_validate(config)
         t0 = time.perf_counter()
         self.engine: EngineClient = RuntimeEngine.load(str(self.cfg.path), device=self.cfg.device,
-                                                       dtype=self.cfg.dtype, max_slots=self.cfg.max_batch_size,
+                                                       dtype=self.cfg.dtype, quantize=self.cfg.quantize,
+                                                       max_slots=self.cfg.max_batch_size,
                                                        max_seq_len=self.cfg.slot_positions,
                                                        prefill_chunk=self.cfg.prefill_chunk)
         self.model = self.cfg.name or self.engine.name

@@ -135,11 +135,12 @@ class RuntimeEngine(EngineClient):
         self._loop = EngineLoop(self._build, thread_init=_init_thread)
 
     @classmethod
-    def load(cls, path: str, *, device: str = "cpu", dtype: str = "bfloat16", max_slots: int = 8,
+    def load(cls, path: str, *, device: str = "cpu", dtype: str = "bfloat16", quantize: str = "none",
+             max_slots: int = 8,
              max_seq_len: int | None = None, prefill_chunk: int | None = None) -> "RuntimeEngine":
         from stitchlib.runtime import PaletteRuntime
 
-        return cls(PaletteRuntime.load(path, device=device, dtype=dtype), max_slots=max_slots,
+        return cls(PaletteRuntime.load(path, device=device, dtype=dtype, quantize=quantize), max_slots=max_slots,
                    max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
 
     def _build(self) -> Any:

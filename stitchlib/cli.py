@@ -126,7 +126,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rt = PaletteRuntime.load(args.palette, device=args.device, dtype=args.dtype, progress=not args.json)
+    rt = PaletteRuntime.load(args.palette, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                             progress=not args.json)
     ids = [s.id for s in rt.stitches]
     profiles = {}
     for sid in tqdm(ids, desc="profiling", unit="stitch", disable=args.json):
@@ -134,7 +135,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                                    batch_sizes=tuple(sorted(set(args.batch_sizes)))))
     meta = {**rt.profile_meta(), "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
             "batch_sizes": sorted(set(args.batch_sizes))}
-    out = save_profile(args.out or Path(args.palette) / f"profile-{meta['device_type']}.json", profiles, meta)
+    suffix = "" if args.quantize == "none" else f"-{args.quantize}"
+    out = save_profile(args.out or Path(args.palette) / f"profile-{meta['device_type']}{suffix}.json", profiles, meta)
     if args.json:
         print(out.read_text())
         return 0
@@ -212,9 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("profile", help="measure every deployed stitch's prefill and decode-step time on this "
                                        "hardware and save the table serving reads (profile.table)")
     s.add_argument("palette")
-    s.add_argument("--out", help="table to write (default: PALETTE/profile-<device type>.json)")
+    s.add_argument("--out", help="table to write (default: PALETTE/profile-<device type>[-<quantize>].json)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantized anchors, as serving loads them (benchmarks/QUANT.md)")
     s.add_argument("--prompt-len", type=int, default=32)
     s.add_argument("--decode-steps", type=int, default=8)
     s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])

@@ -56,8 +56,10 @@ def stitch_infos(manifest: PaletteManifest) -> list[StitchInfo]:
 
 
 class PaletteRuntime:
-    def __init__(self, manifest: PaletteManifest, model: StitchedLM, device: torch.device) -> None:
+    def __init__(self, manifest: PaletteManifest, model: StitchedLM, device: torch.device,
+                 quantize: str = "none") -> None:
         self.manifest = manifest
+        self.quantize = quantize  # weight-only quantization of the anchors (stitchlib.quant)
         self.model = model
         self.device = device
         self.name = manifest.name
@@ -72,7 +74,16 @@ class PaletteRuntime:
 
     @classmethod
     def load(cls, palette_dir: str | Path, *, device: str = "cpu", dtype: str = "bfloat16",
-             progress: bool = False) -> "PaletteRuntime":
+             quantize: str = "none", group_size: int | None = None, progress: bool = False) -> "PaletteRuntime":
+        """quantize: "none" | "int8" | "int4": the anchors' decoder-block linears held as weight-only
+        int8 / int4 (group-wise, `group_size`) codes and the LM heads as int8, AFTER the LoRA merge;
+        stitching layers and stitch-specific biases stay exact (stitchlib/quant.py)."""
+        from .quant import DEFAULT_GROUP_SIZE, check_mode, quantize_model_
+
+        try:
+            quantize = check_mode(quantize)
+        except ValueError as e:
+            raise PaletteError(str(e)) from None
         manifest = read_manifest(palette_dir)
         dev = torch.device(device)
         S = load_anchor(manifest.small.source, dtype=dtype, device=dev, progress=progress)
@@ -93,7 +104,12 @@ class PaletteRuntime:
         model.merge_lora_()
         model.pst_to_(resolve_dtype(dtype))
         model.to(dev).eval()
-        return cls(manifest, model, dev)
+        if quantize != "none":  # on the device: the packed int4 layouts differ between CPU and CUDA
+            summary = quantize_model_(model, quantize, group_size=group_size or DEFAULT_GROUP_SIZE,
+                                      progress=progress)
+            log.info("quantized %s to %s: %s", manifest.name, quantize,
+                     {k: f"{v['bytes_before'] / 1e6:.0f} -> {v['bytes_after'] / 1e6:.0f} MB" for k, v in summary.items()})
+        return cls(manifest, model, dev, quantize)
 
     def stitch(self, stitch_id: str) -> StitchInfo:
         for s in self.stitches:
@@ -151,7 +167,7 @@ class PaletteRuntime:
         from .engine.profile import device_info
 
         return {**device_info(self.device), "dtype": str(self.model.small_anchor.dtype).removeprefix("torch."),
-                "palette": self.name, "small_fingerprint": self.model.small_anchor.fingerprint,
+                "quantize": self.quantize, "palette": self.name, "small_fingerprint": self.model.small_anchor.fingerprint,
                 "large_fingerprint": self.model.large_anchor.fingerprint}
 
     def load_profile_table(self, path: str | Path) -> dict[str, StitchProfile] | str:

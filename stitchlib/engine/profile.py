@@ -122,6 +122,9 @@ def table_problem(meta: dict, profiles: dict[str, StitchProfile], want: dict, st
     for key in _MATCH:
         if meta.get(key) != want.get(key):
             return f"measured with {key} {meta.get(key)!r}, this runtime has {want.get(key)!r}"
+    # Tables written before weight-only quantization existed were measured unquantized.
+    if meta.get("quantize", "none") != want.get("quantize", "none"):
+        return f"measured with quantize {meta.get('quantize', 'none')!r}, this runtime has {want.get('quantize')!r}"
     if _device_name(meta) != _device_name(want):
         return f"measured on {_device_name(meta)!r}, this is {_device_name(want)!r}"
     missing = [s for s in stitch_ids if s not in profiles]

@@ -1,0 +1,304 @@
+"""Weight-only quantized linears for serving: int8 per output channel, int4 group-wise.
+
+Decode on a CPU is bound by the bytes of weights read per token, so serving holds the anchors'
+decoder-block linears (and the LM head) as int8 or int4 codes and multiplies with torch's own packed
+kernels, picked by measurement (benchmarks/QUANT.md):
+
+- int8: `torch._weight_int8pack_mm(x, q [N, K] int8, scales [N])`, symmetric per output channel.
+- int4: `aten._weight_int4pack_mm_for_cpu` (CPU) / `aten._weight_int4pack_mm` (CUDA, sm80+), asymmetric
+  per group of `group_size` input columns; codes q in [0, 15], dequantized w = (q - 8) * scale + zero
+  (the layout of those kernels' `qScaleAndZeros` [K / group_size, N, 2]).
+
+Where a kernel is missing (int8 on CUDA, an odd shape, an unsupported dtype) the layer keeps the codes
+as they are and dequantizes per call in pure torch (`backend = "reference"`), with one log line saying
+so. The same pure-torch dequantization (`dequantize`) is the reference the tests hold the kernels to.
+
+Quantize AFTER the LoRA merge (`StitchedLM.merge_lora_`): a merged weight is a plain nn.Linear and the
+merge needs float weights. Stitching layers and stitch-specific biases (PSTLinear.ssb) stay exact:
+only the frozen shared weights under them are swapped.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+QuantMode = Literal["none", "int8", "int4"]
+QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4")
+DEFAULT_GROUP_SIZE = 64  # per benchmarks/QUANT.md: 32 costs ~10 % more bytes for a small quality gain
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_INNER_K_TILES = 8  # CUDA tinygemm layout; the CPU packing ignores it
+# From this many rows on (prefill), int8 dequantizes the weight and runs the dense GEMM: the packed
+# kernel is a GEMV design, ~2.5x slower than bf16 at 1024 rows, while dequantize + GEMM costs ~bf16's
+# time (benchmarks/QUANT.md). int4's packed layout cannot be dequantized cheaply; it stays on its kernel.
+DENSE_ROWS = 64
+
+
+def check_mode(mode: str) -> QuantMode:
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes and scales of one [N, K] weight, kernel-independent (the reference's input).
+
+    int8: codes int8 [N, K], scales [N], zeros None.
+    int4: codes uint8 [N, K] in 0..15, scales / zeros [N, K // group_size]."""
+
+    mode: QuantMode
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int | None
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
+                    scale_dtype: torch.dtype = torch.bfloat16) -> QuantizedWeight:
+    """w: [N, K] float. Scales (and zeros) are rounded to `scale_dtype` first and the codes are
+    computed against the rounded values, so the kernels (which read them in that dtype) and the
+    reference dequantize the same numbers."""
+    w = w.detach().float()
+    N, K = w.shape
+    if mode == "int8":
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-8).to(scale_dtype)  # [N]
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight("int8", q, scale, None, None)
+    if mode == "int4":
+        if K % group_size:
+            raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
+        g = w.view(N, K // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo).clamp(min=1e-6) / 15).to(scale_dtype)
+        zero = (lo + 8 * scale.float()).to(scale_dtype)  # the value code 8 stands for
+        s, z = scale.float()[..., None], zero.float()[..., None]
+        q = torch.round((g - (z - 8 * s)) / s).clamp(0, 15).to(torch.uint8).view(N, K)
+        return QuantizedWeight("int4", q, scale, zero, group_size)
+    raise ValueError(f"cannot quantize to {mode!r}")
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The pure-torch reference: [N, K] weight in `dtype` (computed in float32)."""
+    if qw.mode == "int8":
+        return (qw.codes.float() * qw.scales.float()[:, None]).to(dtype)
+    N, K = qw.codes.shape
+    gs = qw.group_size
+    q = qw.codes.view(N, K // gs, gs).float()
+    w = (q - 8) * qw.scales.float()[..., None] + qw.zeros.float()[..., None]
+    return w.view(N, K).to(dtype)
+
+
+def _pack_int4_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] uint8 in 0..15 -> [N, K / 2] uint8, even column in the high nibble (tinygemm's input)."""
+    return (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
+
+
+class QuantLinear(nn.Module):
+    """A frozen weight-only quantized nn.Linear (bias kept exact, in the compute dtype)."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, *, compute_dtype: torch.dtype,
+                 device: torch.device | str = "cpu", name: str = "", reference: bool = False) -> None:
+        super().__init__()
+        self.mode, self.group_size = qw.mode, qw.group_size
+        self.out_features, self.in_features = qw.codes.shape
+        self.compute_dtype = compute_dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device, compute_dtype),
+                                                           requires_grad=False)
+        dev = torch.device(device)
+        self.backend, why = ("reference", "asked for") if reference else self._pick_backend(dev, compute_dtype)
+        if self.backend == "reference":
+            log.info("%s: %s %sx%s on %s runs the pure-torch dequantizing path (%s)", name or "QuantLinear",
+                     self.mode, self.out_features, self.in_features, dev.type, why)
+        codes = qw.codes.to(dev)
+        if self.mode == "int8":
+            self.register_buffer("qweight", codes.contiguous())  # [N, K] int8
+            self.register_buffer("scales", qw.scales.to(dev, compute_dtype).contiguous())  # [N]
+        elif self.backend == "reference":
+            self.register_buffer("qweight", _pack_int4_nibbles(codes))  # [N, K/2] uint8
+            self.register_buffer("scales", qw.scales.to(dev, compute_dtype))  # [N, K/g]
+            self.register_buffer("zeros", qw.zeros.to(dev, compute_dtype))
+        else:
+            if dev.type == "cuda":
+                packed = torch.ops.aten._convert_weight_to_int4pack(_pack_int4_nibbles(codes), _INNER_K_TILES)
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), _INNER_K_TILES)
+            self.register_buffer("qweight", packed)
+            # [K/g, N, 2]: (scale, zero) per group and output channel
+            sz = torch.stack([qw.scales.t(), qw.zeros.t()], -1).to(dev, compute_dtype).contiguous()
+            self.register_buffer("scale_zeros", sz)
+
+    def _pick_backend(self, dev: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+        """'packed' where torch has the kernel for this device, dtype and shape, else 'reference'."""
+        if self.mode == "int8":
+            if dev.type == "cpu":
+                return "packed", ""
+            return "reference", "torch has no int8 weight-only kernel for this device"
+        if dev.type == "cpu":
+            if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                return "reference", f"dtype {dtype}"
+            return "packed", ""
+        if dev.type == "cuda":
+            if dtype != torch.bfloat16:
+                return "reference", f"the CUDA int4 kernel takes bfloat16 activations, not {dtype}"
+            if torch.cuda.get_device_capability(dev) < (8, 0):
+                return "reference", "the CUDA int4 kernel needs compute capability 8.0+"
+            if self.in_features % (_INNER_K_TILES * 16) or self.out_features % 8:
+                return "reference", "shape not a multiple of the CUDA int4 tile"
+            return "packed", ""
+        return "reference", f"no int4 kernel for device type {dev.type}"
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
+                    name: str = "", reference: bool = False) -> "QuantLinear":
+        dtype = lin.weight.dtype
+        qw = quantize_weight(lin.weight, mode, group_size=group_size, scale_dtype=dtype)
+        return cls(qw, lin.bias, compute_dtype=dtype, device=lin.weight.device, name=name, reference=reference)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[N, K] float32 as this layer computes with (the packed int4 layout is read back through the
+        kernel itself: x = identity rows)."""
+        if self.mode == "int8":
+            return self.qweight.float() * self.scales.float()[:, None]
+        if self.backend == "reference":
+            return self._ref_weight(torch.float32)
+        eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.qweight.device)
+        return self._matmul(eye).float().t().contiguous()
+
+    def _ref_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.mode == "int8":
+            return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+        hi, lo = self.qweight >> 4, self.qweight & 15
+        codes = torch.stack([hi, lo], -1).view(self.out_features, self.in_features)
+        qw = QuantizedWeight("int4", codes, self.scales, self.zeros, self.group_size)
+        return dequantize(qw, dtype)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:  # x2: [M, K] compute dtype -> [M, N]
+        if self.backend == "reference":
+            return F.linear(x2, self._ref_weight(x2.dtype))
+        if self.mode == "int8":
+            if x2.shape[0] >= DENSE_ROWS:
+                return F.linear(x2, self.qweight.to(x2.dtype) * self.scales[:, None])
+            return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+        if x2.device.type == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scale_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scale_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = self._matmul(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        gs = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{gs}, "
+                f"backend={self.backend}, bias={self.bias is not None}")
+
+    def weight_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def _targets(anchor, head: bool) -> list[tuple[nn.Module, str, nn.Linear, str]]:
+    """(parent, attribute, linear, dotted name) of every plain nn.Linear in the decoder blocks (inside
+    PSTLinear wrappers too: their `base`), and the LM head if `head`."""
+    out = []
+    for bi, block in enumerate(anchor.layers):
+        for pname, parent in block.named_modules():
+            for cname, child in parent.named_children():
+                if type(child) is nn.Linear:
+                    out.append((parent, cname, child, f"{anchor.name}.layers.{bi}.{pname}.{cname}".replace("..", ".")))
+    if head and type(anchor.lm_head) is nn.Linear:
+        out.append((anchor.model, "lm_head", anchor.lm_head, f"{anchor.name}.lm_head"))
+    return out
+
+
+@torch.no_grad()
+def quantize_anchor_linears_(anchor, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
+                             head_mode: QuantMode | None = "int8", progress: bool = False) -> dict:
+    """Swap an anchor's decoder-block linears for QuantLinear(mode) and its LM head for
+    QuantLinear(head_mode) (None / "none": keep it). A tied head keeps the embedding table as it is
+    (a step reads one row of it). A layer whose input size the int4 group size does not divide
+    falls back to int8. -> summary {layers, bytes_before, bytes_after, int8_fallbacks}."""
+    check_mode(mode)
+    if mode == "none":
+        return {"layers": 0, "bytes_before": 0, "bytes_after": 0, "int8_fallbacks": []}
+    head_mode = None if head_mode in (None, "none") else check_mode(head_mode)
+    items = _targets(anchor, head=head_mode is not None)
+    before = after = 0
+    fallbacks = []
+    it = items
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(items, desc=f"quantize {anchor.name} ({mode})", unit="linear")
+    for parent, attr, lin, name in it:
+        m = head_mode if attr == "lm_head" and parent is anchor.model else mode
+        if m == "int4" and lin.in_features % group_size:
+            fallbacks.append(name)
+            m = "int8"
+        q = QuantLinear.from_linear(lin, m, group_size=group_size, name=name)
+        before += lin.weight.numel() * lin.weight.element_size()
+        after += q.weight_bytes()
+        if attr == "lm_head" and parent is anchor.model:
+            # HF ties lm_head.weight to embed_tokens.weight; the embedding keeps its own Parameter.
+            parent.lm_head = q
+            if getattr(parent.config, "tie_word_embeddings", False):
+                parent.config.tie_word_embeddings = False  # nothing re-ties it to a module without .weight
+        else:
+            setattr(parent, attr, q)
+    if fallbacks:
+        log.warning("%s: %d linears kept int8 (int4 group size %d does not divide their input): %s",
+                    anchor.name, len(fallbacks), group_size, fallbacks[:4])
+    anchor.quantization = mode
+    return {"layers": len(items), "bytes_before": before, "bytes_after": after, "int8_fallbacks": fallbacks}
+
+
+@torch.no_grad()
+def quantize_model_(model, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
+                    head_mode: QuantMode | None = "int8", progress: bool = False) -> dict:
+    """Quantize both anchors of a StitchedLM for serving (after `merge_lora_`). Stitching layers and
+    stitch-specific biases are untouched. -> {"small": summary, "large": summary}."""
+    check_mode(mode)
+    unmerged = [m for m in [*model.pst_small, *model.pst_large] if m.lora_a is not None]
+    if unmerged:
+        raise ValueError("merge LoRA (model.merge_lora_()) before quantizing: the merge needs float weights")
+    return {role: quantize_anchor_linears_(a, mode, group_size=group_size, head_mode=head_mode, progress=progress)
+            for role, a in (("small", model.small_anchor), ("large", model.large_anchor))}
+
+
+@torch.no_grad()
+def fake_quantize_(model, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
+                   head_mode: QuantMode | None = "int8") -> None:
+    """The reference model: every linear `quantize_model_` would swap keeps its nn.Linear but holds
+    the pure-torch dequantized weight instead (same codes, same scales)."""
+    head_mode = None if head_mode in (None, "none") else head_mode
+    for anchor in (model.small_anchor, model.large_anchor):
+        for parent, attr, lin, _ in _targets(anchor, head=head_mode is not None):
+            m = head_mode if attr == "lm_head" and parent is anchor.model else mode
+            if m == "int4" and lin.in_features % group_size:
+                m = "int8"
+            qw = quantize_weight(lin.weight, m, group_size=group_size, scale_dtype=lin.weight.dtype)
+            w = dequantize(qw, lin.weight.dtype)
+            if attr == "lm_head" and parent is anchor.model:
+                new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                device=w.device, dtype=w.dtype).requires_grad_(False)
+                new.weight.copy_(w)
+                if lin.bias is not None:
+                    new.bias.copy_(lin.bias)
+                parent.lm_head = new  # untie: the embedding keeps the exact table, as in quantize_model_
+                parent.config.tie_word_embeddings = False
+            else:
+                lin.weight.copy_(w)
