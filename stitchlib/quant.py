@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 QuantMode = Literal["none", "int8", "int4"]
 QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4")
-DEFAULT_GROUP_SIZE = 64  # per benchmarks/QUANT.md: 32 costs ~10 % more bytes for a small quality gain
+DEFAULT_GROUP_SIZE = 32  # llama.cpp's block size; 64 / 128 read 5-8 % fewer bytes but decode no faster here
+                         # (benchmarks/QUANT.md, kernel table), and finer groups lose less quality
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _INNER_K_TILES = 8  # CUDA tinygemm layout; the CPU packing ignores it
 # From this many rows on (prefill), int8 dequantizes the weight and runs the dense GEMM: the packed
