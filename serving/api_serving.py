@@ -117,6 +117,21 @@ def _cancelled_types() -> tuple[type[BaseException], ...]:
     return asyncio.CancelledError, RequestCancelledError, TaskCancelledError
 
 
+def _replica_lost_types() -> tuple[type[BaseException], ...]:
+    """What a replica that died under a request (killed, crashed, its node gone) looks like here."""
+    from ray.exceptions import RayActorError, WorkerCrashedError
+
+    return RayActorError, WorkerCrashedError
+
+
+REPLICA_LOST = "the model replica serving this request stopped (Serve is replacing it); retry"
+
+
+def _lost(model: str, stitch: str = NO_STITCH) -> "ServingError":
+    return ServingError(503, REPLICA_LOST, type="unavailable", headers={"Retry-After": "5"}, model=model,
+                        stitch=stitch)
+
+
 def _retrieve(task: asyncio.Future) -> None:
     if not task.cancelled():
         task.exception()  # retrieved: no "exception was never retrieved" noise
@@ -318,6 +333,9 @@ class OpenAIServing:
             gen.cancel()
             self.record(ref.name, card.id, 499, card.budget_met)
             raise
+        except _replica_lost_types() as e:  # the replica died mid-way: retryable, its details stay in the log
+            log.warning("replica lost during generation %s: %s", rid, e)
+            return self.fail(_lost(ref.name, card.id))
         except Exception as e:
             log.exception("generation failed")
             return self.fail(ServingError(500, f"generation failed: {e}", type="internal_error", model=ref.name,
@@ -361,6 +379,9 @@ class OpenAIServing:
             gen.cancel()
             self.record(model, NO_STITCH, 499)
             raise
+        except _replica_lost_types() as e:
+            log.warning("replica lost before routing: %s", e)
+            return _lost(model)
         except Exception as e:  # a replica that failed: a JSON error, not a bare 500 page
             log.exception("palette replica failed")
             return ServingError(500, f"the model replica failed: {type(e).__name__}: {e}", type="internal_error",
@@ -413,6 +434,10 @@ class OpenAIServing:
         except _cancelled_types():  # the client went away: stop the generation, free its slot
             status = 499
             raise
+        except _replica_lost_types() as e:  # the replica died mid-stream: the error event says retry
+            log.warning("replica lost during stream %s: %s", rid, e)
+            status = 503
+            yield sse(ErrorResponse(error=ErrorInfo(message=REPLICA_LOST, type="unavailable", code=503)))
         except Exception as e:
             log.exception("streaming generation failed")
             status = 500
@@ -447,6 +472,9 @@ class OpenAIServing:
             resp.cancel()
             self.record(ref.name, NO_STITCH, 499)
             raise
+        except _replica_lost_types() as e:
+            log.warning("replica lost during classification %s: %s", rid, e)
+            return self.fail(_lost(ref.name))
         except Exception as e:
             log.exception("palette replica failed")
             return self.fail(ServingError(500, f"the model replica failed: {type(e).__name__}: {e}",
@@ -470,6 +498,9 @@ class OpenAIServing:
             out = await _await_before(getattr(ref.handle, method).remote(*args), time.monotonic() + 30)
         except asyncio.TimeoutError:
             return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
+        except _replica_lost_types() as e:
+            log.warning("replica lost during %s: %s", method, e)
+            return _lost(ref.name)
         except Exception as e:  # a replica that failed: a JSON error, not a bare 500 page
             log.exception("palette replica failed")
             return ServingError(500, f"the model replica failed: {type(e).__name__}: {e}", type="internal_error")
@@ -504,6 +535,9 @@ class OpenAIServing:
                                         time.monotonic() + 30)
         except asyncio.TimeoutError:
             return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
+        except _replica_lost_types():
+            return ServingError(503, "a model replica stopped while answering (Serve is replacing it); retry",
+                                type="unavailable", headers={"Retry-After": "5"})
         return ModelList(data=[ModelCard(id=name, task=i["task"], labels=i["labels"], max_context=i["max_context"],
                                          stitches=i["stitches"]) for name, i in zip(self.palettes, infos)])
 
@@ -519,6 +553,9 @@ class OpenAIServing:
                                         time.monotonic() + 30)
         except asyncio.TimeoutError:
             return ServingError(503, "model replicas did not answer", type="unavailable", headers={"Retry-After": "5"})
+        except _replica_lost_types():
+            return ServingError(503, "a model replica stopped while answering (Serve is replacing it); retry",
+                                type="unavailable", headers={"Retry-After": "5"})
         return StitchList(data=[StitchStatus.model_validate(s) for lst in lists for s in lst])
 
     async def ready(self, timeout_s: float = 5.0) -> tuple[bool, dict[str, Any]]:

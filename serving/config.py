@@ -133,6 +133,14 @@ class ProfileConfig(_Strict):
         return sorted(set(v))
 
 
+class FaultInjection(_Strict):
+    """TESTING ONLY (chaos tests): faults a replica injects into itself on request. Off unless set."""
+
+    stall_marker: str = Field(min_length=8, description="a generation request whose prompt text contains this "
+                                                        "string makes the next engine step hang")
+    stall_s: float = Field(gt=0, description="how long that step hangs (as a wedged kernel would)")
+
+
 class PaletteDeploymentConfig(_Strict):
     """One palette, served by its own deployment; each replica holds one anchor pair with it merged."""
 
@@ -177,9 +185,22 @@ class PaletteDeploymentConfig(_Strict):
     max_tokens_limit: int = Field(1024, ge=1)
     max_inflight: int = Field(64, ge=1, description="admitted requests per replica; beyond it 503")
     retry_after_s: int = Field(1, ge=0)
+    step_timeout_s: float | None = Field(60.0, gt=0, description="engine watchdog: a step running longer fails "
+                                                                  "the requests in it at once (503), refuses new "
+                                                                  "ones and fails the health check until it "
+                                                                  "returns (Serve replaces a replica whose step "
+                                                                  "never does); null: no watchdog")
+    fault_injection: FaultInjection | None = Field(None, description="TESTING ONLY: self-inflicted faults for "
+                                                                     "chaos tests; leave unset")
     # latency model
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     ewma_alpha: float = Field(0.2, gt=0, le=1)
+    budget_quantile: float | None = Field(None, gt=0, le=1, description="latency budgets are checked against "
+                                                                         "estimate x this quantile of recent "
+                                                                         "observed/estimated ratios (finished "
+                                                                         "requests), so requests are downgraded "
+                                                                         "when admitted instead of served late; "
+                                                                         "null: the bare estimate")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="before")

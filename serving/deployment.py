@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -24,7 +25,7 @@ from ray import serve
 
 from .budget import Budget, BudgetError, try_parse_budget
 from .config import PaletteDeploymentConfig
-from .engine import EngineClient, EngineError, GenerationRow, RuntimeEngine, StepStats
+from .engine import EngineClient, EngineError, EngineStuck, GenerationRow, RuntimeEngine, StepStats
 from .latency import LatencyTracker
 from .logprobs import make_entry
 from .metrics import (EngineStepStats, RayServeStatLogger, RequestStats, SchedulerStats, StatLogger,
@@ -112,7 +113,8 @@ class PaletteServer:
                                                        dtype=self.cfg.dtype, quantize=self.cfg.quantize,
                                                        max_slots=self.cfg.max_batch_size,
                                                        max_seq_len=self.cfg.slot_positions,
-                                                       prefill_chunk=self.cfg.prefill_chunk)
+                                                       prefill_chunk=self.cfg.prefill_chunk,
+                                                       step_timeout_s=self.cfg.step_timeout_s)
         self.model = self.cfg.name or self.engine.name
         self.task = self.engine.task
         self.stitch_info = {s.id: s for s in self.engine.stitches}
@@ -138,6 +140,7 @@ class PaletteServer:
                      max_concurrent_batches=1)
         self._cls_batchers = {sid: serve.batch(**batch)(self._make_cls_batch(sid)) for sid in self.stitch_info}
         self._live: dict[str, _Row | _ClsRow] = {}
+        self._route_margins = (1.0, 1.0)  # set by every _route (synchronously, before the route item)
         self._draining = False
         try:
             self.replica = serve.get_replica_context().replica_tag
@@ -198,12 +201,19 @@ class PaletteServer:
             return self.default_budget
         return try_parse_budget(text)
 
-    def _candidates(self, *, prompt_tokens: int, max_tokens: int, rows: int) -> list[StitchCandidate]:
+    def _margins(self) -> tuple[float, float]:
+        """(per-token, whole-request) realized margins the router prices latency with (1, 1 when off)."""
+        q = self.cfg.budget_quantile if self.task == "chat" else None
+        return self.tracker.margin("token", q), self.tracker.margin("request", q)
+
+    def _candidates(self, *, prompt_tokens: int, max_tokens: int, rows: int,
+                    margins: tuple[float, float] = (1.0, 1.0)) -> list[StitchCandidate]:
         out = []
         for s in self.engine.stitches:
             est = self.tracker.estimate(s.id, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                                         task=self.task, batch_rows=rows)
-            out.append(StitchCandidate(s.id, s.params, s.gflops, s.quality, est.token_s, est.request_s))
+            out.append(StitchCandidate(s.id, s.params, s.gflops, s.quality, est.token_s * margins[0],
+                                       est.request_s * margins[1]))
         return out
 
     def _route(self, budget_text: str | None, strict: bool, *, prompt_tokens: int, max_tokens: int,
@@ -213,7 +223,8 @@ class PaletteServer:
         budget = self._budget(budget_text)
         if isinstance(budget, BudgetError):
             return error_value(400, str(budget), param="X-Compute-Budget")
-        cands = self._candidates(prompt_tokens=prompt_tokens, max_tokens=max_tokens, rows=rows)
+        self._route_margins = margins = self._margins()
+        cands = self._candidates(prompt_tokens=prompt_tokens, max_tokens=max_tokens, rows=rows, margins=margins)
         if pin is not None:
             cands = [c for c in cands if c.id == pin]
             if not cands:
@@ -294,6 +305,9 @@ class PaletteServer:
         decision, budget = routed
         sid = decision.stitch_id
         card = self._card(decision, budget)
+        # the bare estimates (without the realized margin): what the margin's ratios compare against
+        m_tok, m_req = self._route_margins
+        est_token_s, est_request_s = decision.stitch.token_latency_s / m_tok, decision.stitch.request_latency_s / m_req
         yield {"type": "route", "stitch": card.model_dump(mode="json"), "prompt_tokens": len(ids)}
 
         from stitchlib.runtime import SamplingParams
@@ -305,6 +319,10 @@ class PaletteServer:
         row = _Row(req.request_id, sid)
         self._live[row.request_id] = row
         self.tracker.begin(sid)
+        fault = self.cfg.fault_injection
+        if fault is not None and fault.stall_marker in (text or ""):  # chaos tests only (off by default)
+            log.warning("fault injection: the next engine step hangs for %gs", fault.stall_s)
+            self.engine.inject_stall(fault.stall_s)
         try:
             stream = self.engine.stream(GenerationRow(req.request_id, ids, params), sid)
         except EngineError as e:
@@ -367,9 +385,18 @@ class PaletteServer:
             pending.append(detok.flush())
             if "".join(pending) or entries:
                 yield delta_item()
+            if t_first is not None and n_out >= 1 and finish is not None:
+                self.tracker.observe_request(
+                    predicted_token_s=est_token_s if n_out >= 2 else None,
+                    observed_token_s=(t_prev - t_first) / (n_out - 1) if n_out >= 2 else None,
+                    predicted_request_s=est_request_s, observed_request_s=t_prev - t_arrival)
             yield {"type": "final", "finish_reason": finish,
                    "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out,
                              "total_tokens": len(ids) + n_out}}
+        except EngineStuck as e:  # the watchdog gave up on a step: not this request's fault, retry
+            log.warning("generation %s failed: %s", req.request_id, e)
+            yield error_value(503, f"generation failed: {e}", type="unavailable",
+                              headers={"Retry-After": str(self.cfg.retry_after_s)})
         except EngineError as e:  # the engine failed or aborted this request: an error value, not a hang
             log.warning("generation %s failed: %s", req.request_id, e)
             yield error_value(500, f"generation failed: {e}", type="internal_error")
@@ -482,8 +509,11 @@ class PaletteServer:
 
     async def ready(self) -> dict[str, Any]:
         running, waiting = self.engine.occupancy()
-        return {"model": self.model, "ready": not self._draining, "replica": self.replica,
+        return {"model": self.model, "ready": not self._draining and self.engine.stuck is None,
+                "replica": self.replica, "pid": os.getpid(),
                 "inflight": len(self._live), "latency_profile": self.profile_source,
+                "budget_margins": dict(zip(("token", "request"), self._margins()),
+                                       samples=self.tracker.realized_count("token")),
                 "engine": {"slots": self.cfg.max_batch_size, "running": sum(running.values()),
                            "waiting": sum(waiting.values()), **self.engine.counters()}}
 

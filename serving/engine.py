@@ -19,10 +19,10 @@ from typing import Any
 from stitchlib.data import render_messages
 
 from .logprobs import token_bytes_fn
-from .scheduler import EngineError, EngineLoop, GenerationStream, StepStats
+from .scheduler import EngineError, EngineLoop, EngineStuck, GenerationStream, StepStats
 
-__all__ = ["EngineClient", "EngineError", "GenerationRow", "GenerationStream", "RuntimeEngine", "StepStats",
-           "decode_parts"]
+__all__ = ["EngineClient", "EngineError", "EngineStuck", "GenerationRow", "GenerationStream", "RuntimeEngine",
+           "StepStats", "decode_parts"]
 
 
 @dataclass
@@ -100,6 +100,16 @@ class EngineClient(ABC):
     @abstractmethod
     async def shutdown(self) -> None: ...
 
+    @property
+    def stuck(self) -> str | None:
+        """Why the engine is wedged (the watchdog gave up on a step that has not returned), else None."""
+        return None
+
+    def inject_stall(self, seconds: float) -> None:
+        """FAULT INJECTION, for tests (`fault_injection` in the palette config): the next engine step
+        hangs for `seconds` before it runs. Engines without a step loop cannot do it."""
+        raise NotImplementedError
+
 
 def decode_parts(model: Any, stitch_id: str) -> dict[str, int]:
     """The weight parts one decode step of `stitch_id` reads (`stitchlib.space.stitch_parts` without the
@@ -118,7 +128,7 @@ def _init_thread() -> None:
 
 class RuntimeEngine(EngineClient):
     def __init__(self, runtime: Any, *, max_slots: int = 8, max_seq_len: int | None = None,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, step_timeout_s: float | None = None) -> None:
         self.rt = runtime
         self.name = runtime.name
         self.task = runtime.task
@@ -132,16 +142,17 @@ class RuntimeEngine(EngineClient):
         self.stitch_parts = {s.id: decode_parts(runtime.model, s.id) for s in self.stitches}
         self.eos_ids = set(runtime.eos_token_ids)
         self._token_bytes = token_bytes_fn(runtime.tokenizer)
-        self._loop = EngineLoop(self._build, thread_init=_init_thread)
+        self._loop = EngineLoop(self._build, thread_init=_init_thread, step_timeout_s=step_timeout_s)
 
     @classmethod
     def load(cls, path: str, *, device: str = "cpu", dtype: str = "bfloat16", quantize: str = "none",
              max_slots: int = 8,
-             max_seq_len: int | None = None, prefill_chunk: int | None = None) -> "RuntimeEngine":
+             max_seq_len: int | None = None, prefill_chunk: int | None = None,
+             step_timeout_s: float | None = None) -> "RuntimeEngine":
         from stitchlib.runtime import PaletteRuntime
 
         return cls(PaletteRuntime.load(path, device=device, dtype=dtype, quantize=quantize), max_slots=max_slots,
-                   max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
+                   max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, step_timeout_s=step_timeout_s)
 
     def _build(self) -> Any:
         """On the engine thread, at the first generation: caches for max_slots x max_seq_len positions."""
@@ -211,9 +222,18 @@ class RuntimeEngine(EngineClient):
     def load_profile_table(self, path: str) -> dict[str, Any] | str:
         return self.rt.load_profile_table(path)
 
+    @property
+    def stuck(self) -> str | None:
+        return self._loop.stuck
+
+    def inject_stall(self, seconds: float) -> None:
+        self._loop.inject_stall(seconds)
+
     async def check_health(self) -> None:
         if not self._loop.alive:
             raise EngineError("the engine is shut down" if self._loop.closed else "the engine thread died")
+        if self._loop.stuck is not None:  # the watchdog gave up on a step: let Serve replace this replica
+            raise EngineStuck(self._loop.stuck)
         # the engine thread must answer between two steps: a wedged step fails the health check
         await asyncio.wait_for(self._loop.call(lambda: None), timeout=60)
 

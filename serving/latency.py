@@ -28,6 +28,13 @@ need it. Model (all times in seconds; M = engine slots, i.e. rows decoded togeth
     waiting for k slots takes ~k x out_tokens / M steps. Its first token comes after its prefill
     plus one decode step of the rows already running per step the prefill spans: one step, or
     ceil(prompt / prefill_chunk) steps with chunked prefill.
+  * Realized margin (optional, `budget_quantile`): the terms above price a request at the moment it
+    is admitted; what it then gets also depends on what arrives after it (rows that join its steps,
+    prompts prefilled between its tokens). Each finished generation records observed / predicted
+    for its per-token and its whole-request latency; `margin(kind, q)` is the q-quantile of the
+    recent ratios (1 until enough are seen), and the router compares `estimate x margin` with a
+    latency budget, so a request is downgraded (or refused under `strict`) when it is admitted rather
+    than served late. The estimates themselves stay unscaled, so the ratios measure the model.
   * Classification runs one batch (`@serve.batch`, up to M rows of one stitch) at a time on the same
     engine thread: a request waits for the other stitches' busy batches and for whole batches of its
     own stitch ahead of it.
@@ -37,6 +44,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -44,6 +52,8 @@ from typing import Literal
 Task = Literal["chat", "classify"]
 
 RATIO_CLIP = (0.05, 20.0)  # a single observation moves the correction at most this far
+MARGIN_CLIP = (0.5, 10.0)  # the realized margin never prices a stitch below half or above 10x its estimate
+MARGIN_MIN_SAMPLES = 20  # ratios needed before the margin departs from 1
 
 
 def monotone_profile(decode_step_s: dict[int, float]) -> dict[int, float]:
@@ -105,7 +115,8 @@ class LatencyTracker:
 
     def __init__(self, profiles: dict[str, tuple[float, dict[int, float]]], *, max_slots: int,
                  parts: Mapping[str, Mapping[str, float]] | None = None, alpha: float = 0.2,
-                 default_output_tokens: int = 16, prefill_chunk: int | None = None) -> None:
+                 default_output_tokens: int = 16, prefill_chunk: int | None = None,
+                 margin_window: int = 256) -> None:
         if not profiles:
             raise ValueError("no stitch profiles")
         self.prefill_s_per_token = {s: float(p) for s, (p, _) in profiles.items()}
@@ -122,6 +133,8 @@ class LatencyTracker:
         self._global_prefill = Ewma(alpha, 1.0)
         self._out_tokens = Ewma(alpha, float(default_output_tokens))
         self.active = {s: 0 for s in profiles}
+        self._realized: dict[str, deque[float]] = {"token": deque(maxlen=margin_window),
+                                                   "request": deque(maxlen=margin_window)}
         self._lock = threading.Lock()
 
     # ---- load ----------------------------------------------------------------------------------
@@ -209,6 +222,31 @@ class LatencyTracker:
 
     def observe_prefill(self, stitch: str, tokens: int, seconds: float) -> None:
         self.observe_step(seconds, {}, {stitch: tokens})
+
+    # ---- realized margin -----------------------------------------------------------------------
+    def observe_request(self, *, predicted_token_s: float | None = None, observed_token_s: float | None = None,
+                        predicted_request_s: float | None = None, observed_request_s: float | None = None) -> None:
+        """A finished generation: what it was estimated at admission (unscaled) and what it got."""
+        with self._lock:
+            for kind, pred, obs in (("token", predicted_token_s, observed_token_s),
+                                    ("request", predicted_request_s, observed_request_s)):
+                if pred is not None and obs is not None and pred > 0 and obs >= 0 and math.isfinite(obs / pred):
+                    self._realized[kind].append(obs / pred)
+
+    def margin(self, kind: Literal["token", "request"], quantile: float | None) -> float:
+        """q-quantile of recent observed / predicted ratios (1 when off or with too few samples)."""
+        if quantile is None:
+            return 1.0
+        with self._lock:
+            xs = sorted(self._realized[kind])
+        if len(xs) < MARGIN_MIN_SAMPLES:
+            return 1.0
+        q = xs[min(len(xs) - 1, int(math.ceil(quantile * len(xs))) - 1)]
+        return min(max(q, MARGIN_CLIP[0]), MARGIN_CLIP[1])
+
+    def realized_count(self, kind: Literal["token", "request"]) -> int:
+        with self._lock:
+            return len(self._realized[kind])
 
     # ---- estimates -----------------------------------------------------------------------------
     def estimate(self, stitch: str, *, prompt_tokens: int, max_tokens: int = 1, task: Task = "chat",

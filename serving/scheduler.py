@@ -17,7 +17,12 @@ Everything else reaches it through that inbox, from the asyncio side:
   * with nothing to do the thread blocks on a condition variable: an idle replica uses no CPU.
 
 A step that raises fails every request in the engine with an `EngineError` naming the cause (never a
-hang) and the engine is rebuilt for the next request. Per step the thread reports a `StepStats` (its
+hang) and the engine is rebuilt for the next request. A step that does not return (a wedged kernel,
+a deadlock, a swapped-out machine) is caught by the watchdog when `step_timeout_s` is set: past it,
+every request in the engine fails at once with `EngineStuck` (clients get a clean 503 instead of
+waiting out their timeout), new requests and calls are refused with `EngineStuck`, and the health
+check fails (so Serve replaces a replica whose step never returns); if the step does return, its
+output is dropped with the engine (rebuilt for the next request) and the loop serves again. Per step the thread reports a `StepStats` (its
 seconds, the rows it decoded per stitch, the prompt tokens it prefilled per stitch) to `on_step`,
 called on the event loop before that step's tokens are handed out, for the latency model.
 """
@@ -35,11 +40,15 @@ from typing import Any
 
 log = logging.getLogger("ray.serve")
 
-__all__ = ["EngineError", "EngineLoop", "GenerationStream", "StepStats"]
+__all__ = ["EngineError", "EngineLoop", "EngineStuck", "GenerationStream", "StepStats"]
 
 
 class EngineError(RuntimeError):
     """A generation could not be completed by the engine; the message says why."""
+
+
+class EngineStuck(EngineError):
+    """An engine step ran past the watchdog's `step_timeout_s`: retryable (HTTP 503), not the request's fault."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +145,8 @@ class EngineLoop:
     `rows`, `waiting`, `requests` and `last_finished`."""
 
     def __init__(self, make_engine: Callable[[], Any], *, on_step: Callable[[StepStats], None] | None = None,
-                 thread_init: Callable[[], None] | None = None, name: str = "stitch-engine") -> None:
+                 thread_init: Callable[[], None] | None = None, name: str = "stitch-engine",
+                 step_timeout_s: float | None = None) -> None:
         self._make_engine = make_engine
         self.on_step = on_step
         self._thread_init = thread_init
@@ -153,9 +163,20 @@ class EngineLoop:
         self.running: dict[str, int] = {}
         self.waiting: dict[str, int] = {}
         self.counters = {"steps": 0, "mixed_steps": 0, "max_stitches_per_step": 0, "max_rows_per_step": 0,
-                         "failed_steps": 0}
+                         "failed_steps": 0, "stuck_steps": 0}
+        # Watchdog state. `_step_lock` orders a step's end against the watchdog's verdict: either the
+        # step returned first (the watchdog sees no step) or the watchdog failed it first (the engine
+        # thread sees `_stuck` when the step returns and drops its output).
+        self.step_timeout_s = step_timeout_s
+        self._step_lock = threading.Lock()
+        self._step_t0: float | None = None  # perf_counter at the start of the running step (engine thread)
+        self._stuck: str | None = None  # why the loop is wedged (set by the watchdog, cleared by the thread)
+        self._stall_s = 0.0  # fault injection: the next step first sleeps this long (see `inject_stall`)
+        self._unstall = threading.Event()  # wakes an injected stall at shutdown
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        if step_timeout_s is not None:
+            threading.Thread(target=self._watchdog, name=name + "-watchdog", daemon=True).start()
 
     # ---- event-loop side -----------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], stitch_id: str, params: Any) -> GenerationStream:
@@ -166,6 +187,8 @@ class EngineLoop:
         with self._cv:
             if self._closed:
                 raise EngineError("the engine is shut down")
+            if self._stuck is not None:
+                raise EngineStuck(self._stuck)
             self._by_request[request_id] = seq
             self._adds.append(seq)
             self._cv.notify()
@@ -195,6 +218,8 @@ class EngineLoop:
         with self._cv:
             if self._closed:
                 raise EngineError("the engine is shut down")
+            if self._stuck is not None:
+                raise EngineStuck(self._stuck)
             self._calls.append((fut, fn, args))
             self._cv.notify()
         return await asyncio.wrap_future(fut)
@@ -207,12 +232,48 @@ class EngineLoop:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def stuck(self) -> str | None:
+        """Why the loop is wedged (a step past `step_timeout_s` has not returned), else None."""
+        return self._stuck
+
+    def inject_stall(self, seconds: float) -> None:
+        """FAULT INJECTION, for tests: the next engine step first sleeps `seconds` on the engine thread
+        (inside the step, as a wedged kernel would). Shutdown wakes it."""
+        self._stall_s = float(seconds)
+
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop after the current step: pending calls and every request fail with EngineError."""
         with self._cv:
             self._closed = True
             self._cv.notify()
+        self._unstall.set()
         await asyncio.to_thread(self._thread.join, timeout_s)
+
+    # ---- watchdog thread -----------------------------------------------------------------------
+    def _watchdog(self) -> None:
+        limit = float(self.step_timeout_s)  # type: ignore[arg-type]
+        while not self._closed:
+            time.sleep(min(0.25, limit / 4))
+            with self._step_lock:
+                t0 = self._step_t0
+                if t0 is None or self._stuck is not None or time.perf_counter() - t0 <= limit:
+                    continue
+                self._stuck = (f"an engine step has run for over {limit:g}s (step_timeout_s); the requests in it "
+                               f"were failed")
+                # The engine thread is inside eng.step(): it touches neither _by_rid nor the inbox now.
+                seqs = list(self._by_rid.values())
+            log.error("engine watchdog: %s", self._stuck)
+            err = EngineStuck(self._stuck)
+            with self._cv:
+                adds, calls = self._adds, self._calls
+                self._adds, self._calls = [], []
+            for fut, _, _ in calls:
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(err)
+            self.counters = {**self.counters, "stuck_steps": self.counters["stuck_steps"] + 1}
+            self.running, self.waiting = {}, {}  # nobody is served by those rows any more
+            self._post_errors(seqs + [s for s in adds if not s.closed], err)
 
     def _deliver(self, items: list[tuple[_Seq, Any, str | None]], stats: StepStats | None, t0: float) -> None:
         """On the event loop: the step's observation first, then each request's token (or error)."""
@@ -305,13 +366,30 @@ class EngineLoop:
         eng = self._engine
         first = {r.rid for r in eng.waiting} | {r.rid for r in eng.prefilling}
         t0 = time.perf_counter()
+        with self._step_lock:
+            self._step_t0 = t0
         try:
+            if self._stall_s > 0:  # fault injection (inject_stall): a step that hangs
+                stall, self._stall_s = self._stall_s, 0.0
+                self._unstall.wait(stall)
             out = eng.step()
         except Exception as e:
+            with self._step_lock:
+                self._step_t0 = None
+                stuck = self._stuck
+            if stuck is not None:  # already failed by the watchdog
+                self._recover(stuck)
+                return
             log.exception("engine step failed")
             self.counters = {**self.counters, "failed_steps": self.counters["failed_steps"] + 1}
             self._fail_all(EngineError(f"the engine step failed ({type(e).__name__}: {e}); the requests in it "
                                        f"were dropped"))
+            return
+        with self._step_lock:
+            self._step_t0 = None
+            stuck = self._stuck
+        if stuck is not None:  # the watchdog failed this step's requests while it ran: drop its output
+            self._recover(stuck)
             return
         seconds = time.perf_counter() - t0
         finished = dict(eng.last_finished)
@@ -358,6 +436,14 @@ class EngineLoop:
             seqs[0].loop.call_soon_threadsafe(self._deliver, [], stats, time.perf_counter())
         except RuntimeError:
             pass
+
+    def _recover(self, why: str) -> None:
+        """A step the watchdog gave up on returned: drop the engine and its rows (their requests were
+        already failed), then take requests again."""
+        log.warning("engine step returned after the watchdog failed it; rebuilding the engine")
+        self._fail_all(EngineStuck(why))
+        with self._step_lock:
+            self._stuck = None
 
     def _fail_all(self, err: EngineError, extra: list[_Seq] = ()) -> None:
         """Fail every request in the engine (and `extra`), and drop the engine: the next request gets a new one."""

@@ -1,0 +1,55 @@
+"""The realized budget margin of the latency model (serving/latency.py): observed / estimated ratios of
+finished requests, their quantile, and what the router prices with it."""
+from __future__ import annotations
+
+import pytest
+
+from serving.budget import parse_budget
+from serving.latency import MARGIN_CLIP, MARGIN_MIN_SAMPLES, LatencyTracker
+from serving.router import StitchCandidate, select_stitch
+
+
+def tracker() -> LatencyTracker:
+    return LatencyTracker({"a": (1e-3, {1: 0.010, 4: 0.012}), "b": (2e-3, {1: 0.020, 4: 0.024})}, max_slots=4)
+
+
+def test_margin_is_the_quantile_of_recent_ratios():
+    t = tracker()
+    assert t.margin("token", 0.9) == 1.0  # nothing seen
+    for i in range(MARGIN_MIN_SAMPLES - 1):
+        t.observe_request(predicted_token_s=0.01, observed_token_s=0.02)
+    assert t.margin("token", 0.9) == 1.0  # too few to trust
+    t = tracker()
+    ratios = [1.0 + i / 99 for i in range(100)]  # 1.00 .. 2.00
+    for r in ratios:
+        t.observe_request(predicted_token_s=0.01, observed_token_s=0.01 * r, predicted_request_s=1.0,
+                          observed_request_s=0.5)
+    assert t.margin("token", 0.9) == pytest.approx(1.0 + 89 / 99, rel=1e-9)  # the 90th of 100, sorted
+    assert t.margin("token", 1.0) == pytest.approx(2.0)
+    assert t.margin("token", None) == 1.0  # off
+    assert t.margin("request", 0.9) == MARGIN_CLIP[0]  # 0.5 observed / 1.0 estimated, at the clip
+    assert t.realized_count("token") == 100 and t.realized_count("request") == 100
+
+
+def test_margin_window_forgets_old_ratios():
+    t = LatencyTracker({"a": (1e-3, {1: 0.01})}, max_slots=1, margin_window=32)
+    for _ in range(32):
+        t.observe_request(predicted_token_s=1.0, observed_token_s=5.0)
+    assert t.margin("token", 0.5) == pytest.approx(5.0)
+    for _ in range(32):
+        t.observe_request(predicted_token_s=1.0, observed_token_s=1.5)
+    assert t.margin("token", 0.99) == pytest.approx(1.5)
+
+
+def test_margin_downgrades_at_admission():
+    """A stitch whose bare estimate fits a 25 ms/token budget but whose realized tail does not is not
+    chosen: the cheaper one that still fits with the margin is."""
+    big = StitchCandidate("big", 2_000, 2.0, 0.9, 0.022, 1.0)
+    small = StitchCandidate("small", 1_000, 1.0, 0.5, 0.010, 0.5)
+    budget = parse_budget("25ms/token")
+    assert select_stitch([big, small], budget).stitch_id == "big"
+    m = 1.3  # recent requests got 30% more than estimated at the chosen quantile
+    scaled = [StitchCandidate(c.id, c.params, c.gflops, c.quality, c.token_latency_s * m, c.request_latency_s * m)
+              for c in (big, small)]
+    d = select_stitch(scaled, budget)
+    assert d.stitch_id == "small" and d.budget_met
