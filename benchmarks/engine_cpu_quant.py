@@ -94,13 +94,14 @@ def llama_cpp_runner(path: Path, threads: int, prompt: list[int]):
 
 # ---- our engine ---------------------------------------------------------------------------------
 @torch.no_grad()
-def engine_steps(model, sid: str, prompts: list[list[int]], steps: int) -> list[float]:
+def engine_steps(model, sid: str, prompts: list[list[int]], steps: int, **config_kw) -> list[float]:
     """Seconds per decode step of len(prompts) requests on one stitch (after prefill and one warm-up)."""
     from stitchlib.engine import EngineConfig, StitchEngine
     from stitchlib.runtime import SamplingParams
 
     n = len(prompts)
-    e = StitchEngine(model, EngineConfig(max_slots=n, max_seq_len=len(prompts[0]) + steps + 8, stitches=[sid]))
+    e = StitchEngine(model, EngineConfig(max_slots=n, max_seq_len=len(prompts[0]) + steps + 8, stitches=[sid],
+                                         **config_kw))
     for p in prompts:
         e.add_request(p, sid, SamplingParams(max_tokens=steps + 4, temperature=0.0))
     e.step()
@@ -111,7 +112,7 @@ def engine_steps(model, sid: str, prompts: list[list[int]], steps: int) -> list[
 
 
 @torch.no_grad()
-def step_profile(model, sid: str, prompts: list[list[int]], steps: int = 4) -> dict:
+def step_profile(model, sid: str, prompts: list[list[int]], steps: int = 4, **config_kw) -> dict:
     """Where one decode step's time goes (torch.profiler, CPU): self time per op category, and the
     rest of the wall time (Python, module dispatch, the engine's bookkeeping) as `outside ops`."""
     from torch.profiler import ProfilerActivity, profile
@@ -120,7 +121,8 @@ def step_profile(model, sid: str, prompts: list[list[int]], steps: int = 4) -> d
     from stitchlib.runtime import SamplingParams
 
     n = len(prompts)
-    e = StitchEngine(model, EngineConfig(max_slots=n, max_seq_len=len(prompts[0]) + steps + 8, stitches=[sid]))
+    e = StitchEngine(model, EngineConfig(max_slots=n, max_seq_len=len(prompts[0]) + steps + 8, stitches=[sid],
+                                         **config_kw))
     for p in prompts:
         e.add_request(p, sid, SamplingParams(max_tokens=steps + 4, temperature=0.0))
     e.step()
@@ -206,6 +208,8 @@ def main() -> None:
     ap.add_argument("--gguf-dir", type=Path, default=GGUF_DIR)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also a torch.profiler breakdown of one decode step")
+    ap.add_argument("--compile", default="", help="modes also timed with torch.compile'd blocks (e.g. int4), as "
+                                                  "'<mode>+compile'; the first use compiles (minutes on CPU)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default="engine_cpu_quant")
     args = ap.parse_args()
@@ -217,12 +221,30 @@ def main() -> None:
     t_start = time.time()
     env = env_info("cpu")
     bw = read_bandwidth(torch.device("cpu"), 1 << 30, repeats=3)
-    modes = args.modes.split(",")
+    base_modes = args.modes.split(",")
+    compiled = [m for m in args.compile.split(",") if m]
+    modes = base_modes + [f"{m}+compile" for m in compiled]
     rts, load_s = {}, {}
-    for mode in modes:
+    for mode in base_modes:
         t0 = time.time()
         rts[mode] = PaletteRuntime.load(args.palette, quantize=mode, group_size=args.group_size)
         load_s[mode] = time.time() - t0
+    for m in compiled:
+        rts[f"{m}+compile"] = rts[m]
+    kw = {m: ({"compile_layers": True} if m.endswith("+compile") else {}) for m in modes}
+    compile_s: dict[str, float | str] = {}
+    for m in list(modes):
+        if kw[m]:  # compile outside the timed rounds: one warm-up per stitch kind and batch size
+            t0 = time.time()
+            try:
+                for sid in ("small", rts[m].stitches[1].id, "large"):
+                    engine_steps(rts[m].model, sid, [[1] * args.prompt_len], 1, **kw[m])
+                    engine_steps(rts[m].model, sid, [[1] * args.prompt_len] * args.batch, 1, **kw[m])
+                compile_s[m] = time.time() - t0
+            except Exception as e:  # noqa: BLE001 - a failed compile drops that variant, not the run
+                compile_s[m] = f"failed after {time.time() - t0:.0f}s: {type(e).__name__}: {str(e)[:300]}"
+                modes.remove(m)
+                print(m, compile_s[m], flush=True)
     rt0 = rts[modes[0]]
     sids = [s.id for s in rt0.stitches]  # deployed, cheapest first
     vocab = rt0.model.small_anchor.stats.vocab_size
@@ -260,7 +282,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for mode in modes:
                 for sid in sids:
-                    b1[mode][sid] += engine_steps(rts[mode].model, sid, prompts[:1], args.steps)
+                    b1[mode][sid] += engine_steps(rts[mode].model, sid, prompts[:1], args.steps, **kw[mode])
                     bar.update(1)
             for role, (_, run) in llama.items():
                 ll[role] += run(args.steps)
@@ -270,7 +292,7 @@ def main() -> None:
                 bar.update(1)
             for mode in modes:
                 for sid in sids:
-                    b8[mode][sid] += engine_steps(rts[mode].model, sid, prompts, args.steps)
+                    b8[mode][sid] += engine_steps(rts[mode].model, sid, prompts, args.steps, **kw[mode])
                     bar.update(1)
     gb = bw["used_GBps"] * 1e9
     res_b1, res_b8 = {}, {}
@@ -307,14 +329,14 @@ def main() -> None:
     prof = None
     if args.profile:
         prof = {}
-        for mode in [m for m in ("none", "int4") if m in modes]:
+        for mode in [m for m in ("none", "int4", "int4+compile") if m in modes]:
             for sid in ("small", "large"):
                 for n in (1, args.batch):
-                    prof[f"{mode} {sid} batch {n}"] = step_profile(rts[mode].model, sid, prompts[:n])
+                    prof[f"{mode} {sid} batch {n}"] = step_profile(rts[mode].model, sid, prompts[:n], **kw[mode])
     res = {"benchmark": "engine_cpu_quant", "env": env, "palette": str(args.palette), "threads": args.threads,
            "modes": modes, "group_size": args.group_size, "stitches": sids, "prompt_len": args.prompt_len,
            "rounds": args.rounds, "timed_steps": args.steps, "batch": args.batch, "bandwidth": bw,
-           "load_s": load_s, "batch1": res_b1, "batch8": res_b8, "llama_cpp": res_ll, "llama_cpp_note": llama_note,
+           "load_s": load_s, "compile_s": compile_s, "batch1": res_b1, "batch8": res_b8, "llama_cpp": res_ll, "llama_cpp_note": llama_note,
            "hf_generate": res_hf, "hf_generate_note": hf_note, "targets": targets, "step_profile": prof,
            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "wall_s": time.time() - t_start}
     res["env"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -89,7 +89,7 @@ def main() -> None:
            "examples": len(val), "validation_split": {"n_validation": tr["validation"]["examples"],
                                                       "n_calibration": tr["calibration"]["sequences"],
                                                       "seed": tr["seed"], "sources": tr["calibration"]["data"]},
-           "group_size": args.group_size or DEFAULT_GROUP_SIZE, "head": "int8 in both modes", "threads": args.threads,
+           "group_size": args.group_size or DEFAULT_GROUP_SIZE, "head": "the same mode as the blocks", "threads": args.threads,
            "stitches": table, "order": order, "modes": res, "wall_s": time.time() - t_start}
     doc["env"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = write_result(args.name, doc, args.out)

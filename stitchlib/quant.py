@@ -41,6 +41,12 @@ _INNER_K_TILES = 8  # CUDA tinygemm layout; the CPU packing ignores it
 DENSE_ROWS = 64
 
 
+# The kernels as OpOverloads, bound once (a packet lookup per call costs more than a small GEMV here).
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+_INT4_MM_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_INT4_MM_CUDA = torch.ops.aten._weight_int4pack_mm.default
+
+
 def check_mode(mode: str) -> QuantMode:
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -187,22 +193,20 @@ class QuantLinear(nn.Module):
         if self.mode == "int8":
             if x2.shape[0] >= DENSE_ROWS:
                 return F.linear(x2, self.qweight.to(x2.dtype) * self.scales[:, None])
-            return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
-        if x2.device.type == "cuda":
-            return torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scale_zeros)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scale_zeros)
+            return _INT8_MM(x2, self.qweight, self.scales)
+        op = _INT4_MM_CUDA if x2.device.type == "cuda" else _INT4_MM_CPU
+        return op(x2, self.qweight, self.group_size, self.scale_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
-        shape = x.shape
+        # ~200 calls per decode step of the large anchor: keep the Python here short
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != self.compute_dtype:
             x2 = x2.to(self.compute_dtype)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = self._matmul(x2)
+        y = self._matmul(x2.contiguous())
         if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+            y = y.add_(self.bias)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         gs = f", group_size={self.group_size}" if self.mode == "int4" else ""
@@ -211,6 +215,22 @@ class QuantLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def _head_mode(mode: QuantMode, head_mode: QuantMode | None) -> QuantMode | None:
+    """The LM head's mode (None: kept in float). It is read once per decode step, a quarter of the
+    small anchor's bytes: at int8 the head alone took a third of an int4 step (benchmarks/QUANT.md)."""
+    if head_mode is None:
+        return mode
+    return None if check_mode(head_mode) == "none" else head_mode
+
+
+def _layer_mode(mode: QuantMode, lin: nn.Linear, group_size: int) -> QuantMode:
+    """int4 needs whole groups along the input and (torch's CPU packing) an output size divisible by
+    16; a layer without them is held as int8 instead."""
+    if mode == "int4" and (lin.in_features % group_size or lin.out_features % 16):
+        return "int8"
+    return mode
 
 
 def _targets(anchor, head: bool) -> list[tuple[nn.Module, str, nn.Linear, str]]:
@@ -229,15 +249,15 @@ def _targets(anchor, head: bool) -> list[tuple[nn.Module, str, nn.Linear, str]]:
 
 @torch.no_grad()
 def quantize_anchor_linears_(anchor, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
-                             head_mode: QuantMode | None = "int8", progress: bool = False) -> dict:
+                             head_mode: QuantMode | None = None, progress: bool = False) -> dict:
     """Swap an anchor's decoder-block linears for QuantLinear(mode) and its LM head for
-    QuantLinear(head_mode) (None / "none": keep it). A tied head keeps the embedding table as it is
+    QuantLinear(head_mode) (None: the same mode; "none": keep it in float). A tied head keeps the embedding table as it is
     (a step reads one row of it). A layer whose input size the int4 group size does not divide
-    falls back to int8. -> summary {layers, bytes_before, bytes_after, int8_fallbacks}."""
+    or whose output size is not a multiple of 16 falls back to int8. -> summary {layers, bytes_before, bytes_after, int8_fallbacks}."""
     check_mode(mode)
     if mode == "none":
         return {"layers": 0, "bytes_before": 0, "bytes_after": 0, "int8_fallbacks": []}
-    head_mode = None if head_mode in (None, "none") else check_mode(head_mode)
+    head_mode = _head_mode(mode, head_mode)
     items = _targets(anchor, head=head_mode is not None)
     before = after = 0
     fallbacks = []
@@ -247,7 +267,7 @@ def quantize_anchor_linears_(anchor, mode: QuantMode, *, group_size: int = DEFAU
         it = tqdm(items, desc=f"quantize {anchor.name} ({mode})", unit="linear")
     for parent, attr, lin, name in it:
         m = head_mode if attr == "lm_head" and parent is anchor.model else mode
-        if m == "int4" and lin.in_features % group_size:
+        if _layer_mode(m, lin, group_size) != m:
             fallbacks.append(name)
             m = "int8"
         q = QuantLinear.from_linear(lin, m, group_size=group_size, name=name)
@@ -261,7 +281,7 @@ def quantize_anchor_linears_(anchor, mode: QuantMode, *, group_size: int = DEFAU
         else:
             setattr(parent, attr, q)
     if fallbacks:
-        log.warning("%s: %d linears kept int8 (int4 group size %d does not divide their input): %s",
+        log.warning("%s: %d linears held as int8 (int4 needs input %% group size %d == 0, output %% 16 == 0): %s",
                     anchor.name, len(fallbacks), group_size, fallbacks[:4])
     anchor.quantization = mode
     return {"layers": len(items), "bytes_before": before, "bytes_after": after, "int8_fallbacks": fallbacks}
@@ -269,7 +289,7 @@ def quantize_anchor_linears_(anchor, mode: QuantMode, *, group_size: int = DEFAU
 
 @torch.no_grad()
 def quantize_model_(model, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
-                    head_mode: QuantMode | None = "int8", progress: bool = False) -> dict:
+                    head_mode: QuantMode | None = None, progress: bool = False) -> dict:
     """Quantize both anchors of a StitchedLM for serving (after `merge_lora_`). Stitching layers and
     stitch-specific biases are untouched. -> {"small": summary, "large": summary}."""
     check_mode(mode)
@@ -282,15 +302,13 @@ def quantize_model_(model, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_S
 
 @torch.no_grad()
 def fake_quantize_(model, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
-                   head_mode: QuantMode | None = "int8") -> None:
+                   head_mode: QuantMode | None = None) -> None:
     """The reference model: every linear `quantize_model_` would swap keeps its nn.Linear but holds
     the pure-torch dequantized weight instead (same codes, same scales)."""
-    head_mode = None if head_mode in (None, "none") else head_mode
+    head_mode = _head_mode(mode, head_mode)
     for anchor in (model.small_anchor, model.large_anchor):
         for parent, attr, lin, _ in _targets(anchor, head=head_mode is not None):
-            m = head_mode if attr == "lm_head" and parent is anchor.model else mode
-            if m == "int4" and lin.in_features % group_size:
-                m = "int8"
+            m = _layer_mode(head_mode if attr == "lm_head" and parent is anchor.model else mode, lin, group_size)
             qw = quantize_weight(lin.weight, m, group_size=group_size, scale_dtype=lin.weight.dtype)
             w = dequantize(qw, lin.weight.dtype)
             if attr == "lm_head" and parent is anchor.model:

@@ -76,7 +76,7 @@ class PaletteRuntime:
     def load(cls, palette_dir: str | Path, *, device: str = "cpu", dtype: str = "bfloat16",
              quantize: str = "none", group_size: int | None = None, progress: bool = False) -> "PaletteRuntime":
         """quantize: "none" | "int8" | "int4": the anchors' decoder-block linears held as weight-only
-        int8 / int4 (group-wise, `group_size`) codes and the LM heads as int8, AFTER the LoRA merge;
+        int8 / int4 (group-wise, `group_size`) codes, the LM heads too, AFTER the LoRA merge;
         stitching layers and stitch-specific biases stay exact (stitchlib/quant.py)."""
         from .quant import DEFAULT_GROUP_SIZE, check_mode, quantize_model_
 
