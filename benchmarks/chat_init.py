@@ -79,18 +79,11 @@ def join_scales(model: StitchedLM, batch) -> dict:
     mask, pos = causal_mask(attn, T), positions(attn, T)
     real = attn.bool()
     L, S = model.L, model.S
-    h = L.anchor.embed(ids)
-    pe = L.rope(h, pos)
-    large_in = {}
-    for i in range(model.large_anchor.stats.num_layers):
-        large_in[i] = h
-        h = L.anchor.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-    h = S.anchor.embed(ids)
-    pe = S.rope(h, pos)
-    small_out = {}
-    for i in range(model.small_anchor.stats.num_layers):
-        h = S.anchor.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-        small_out[i] = h
+    large_in = {0: L.anchor.embed(ids)}  # input of large block i = output of block i - 1
+    for i, h in L.blocks(large_in[0], range(model.large_anchor.stats.num_layers - 1), mask=mask, position_ids=pos):
+        large_in[i + 1] = h
+    small_out = dict(S.blocks(S.anchor.embed(ids), range(model.small_anchor.stats.num_layers), mask=mask,
+                              position_ids=pos))
     rows = {}
     for st in model.stitches:
         if st.kind != "stitch":

@@ -78,19 +78,18 @@ def calibrate_(model: StitchedLM, batches: Iterable[tuple[torch.Tensor, ...]], *
         xs: dict[int, torch.Tensor] = {}
         h = S.anchor.embed(ids)
         pe = S.rope(h, pos)
-        for i in range(max(splits) + 1):
-            h = S.anchor.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        for i, h in S.blocks(h, range(max(splits) + 1), mask=mask, position_ids=pos, position_embeddings=pe):
             if i in keep_x:
                 x = h.reshape(-1, dS)[real].float()
                 xs[i] = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
         ys: dict[int, torch.Tensor] = {}
         h = L.anchor.embed(ids)
         pe = L.rope(h, pos)
-        for i in range(max(joins) + 1):
-            if i in keep_y:  # large's input of block i
-                ys[i] = h.reshape(-1, model.d_large)[real].float()
-            if i < max(joins):
-                h = L.anchor.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        if 0 in keep_y:  # large's input of block i is the output of block i - 1
+            ys[0] = h.reshape(-1, model.d_large)[real].float()
+        for i, h in L.blocks(h, range(max(joins)), mask=mask, position_ids=pos, position_embeddings=pe):
+            if i + 1 in keep_y:
+                ys[i + 1] = h.reshape(-1, model.d_large)[real].float()
         if per_stitch:
             weights = {k: 1.0 / ys[k].pow(2).mean(-1, keepdim=True).clamp_min(1e-12) for k in joins}  # [N, 1]
             for s in stitches:
@@ -182,8 +181,7 @@ def distill_stitching_(model: StitchedLM, batches: list[tuple[torch.Tensor, torc
             h = S.anchor.embed(ids)
             pe = S.rope(h, pos)
             xs = {}
-            for i in range(max(splits) + 1):
-                h = S.anchor.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+            for i, h in S.blocks(h, range(max(splits) + 1), mask=mask, position_ids=pos, position_embeddings=pe):
                 if i in splits:
                     xs[i] = h
             t = model(ids, "large", attn, return_hidden=True)[real]  # [N, dL], normed

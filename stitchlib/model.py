@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,15 @@ def positions(full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     return (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
 
 
+def call_block(layer: nn.Module, h: torch.Tensor, *, mask: torch.Tensor, position_ids: torch.Tensor,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Any = None) -> torch.Tensor:
+    """The one place an HF decoder layer is called (reference forward, calibration, quality, engine).
+    transformers' decoder-layer signature moves between releases (docs/DESIGN_NOTES.md section 4):
+    a change is made here once. h: [B, T, d] -> [B, T, d]; cache: an HF Cache or None (no cache)."""
+    return layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                 use_cache=cache is not None, position_embeddings=position_embeddings)
+
+
 class AnchorAdapter:
     """Runs a range of one anchor's HF decoder blocks. Owns that anchor's rotary embeddings."""
 
@@ -74,14 +84,22 @@ class AnchorAdapter:
     def rope(self, h: torch.Tensor, position_ids: torch.Tensor):
         return self.anchor.rotary(h, position_ids)  # (cos, sin), each [B, T, head_dim]
 
+    def blocks(self, h: torch.Tensor, blocks: range, *, mask: torch.Tensor, position_ids: torch.Tensor,
+               cache: KVCache | None = None, position_embeddings=None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(i, output of block i) for each block in turn: for callers that keep intermediate states
+        (calibration, quality measurement). `position_embeddings`: reuse (cos, sin) already computed."""
+        pe = position_embeddings if position_embeddings is not None else self.rope(h, position_ids)
+        for i in blocks:
+            h = call_block(self.anchor.layers[i], h, mask=mask, position_ids=position_ids, position_embeddings=pe,
+                           cache=cache)
+            yield i, h
+
     def run(self, h: torch.Tensor, blocks: range, *, mask: torch.Tensor, position_ids: torch.Tensor,
             cache: KVCache | None) -> torch.Tensor:
         if len(blocks) == 0:
             return h
-        pe = self.rope(h, position_ids)
-        for i in blocks:
-            h = self.anchor.layers[i](h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                                      use_cache=cache is not None, position_embeddings=pe)
+        for _, h in self.blocks(h, blocks, mask=mask, position_ids=position_ids, cache=cache):
+            pass
         return h
 
 

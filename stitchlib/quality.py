@@ -109,8 +109,7 @@ def route_nll(model: StitchedLM, batches: Iterable[Batch], stitch_ids: Sequence[
                 h = S.anchor.embed(ids)  # [B, T, dS]
                 pe = S.rope(h, pos)
                 last = dS - 1 if any(s.kind == "small" for s in todo) else max(splits)
-                for i in range(last + 1):
-                    h = S.anchor.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                for i, h in S.blocks(h, range(last + 1), mask=mask, position_ids=pos, position_embeddings=pe):
                     if i in splits or i == dS - 1:
                         small_out[i] = h
             for st in todo:

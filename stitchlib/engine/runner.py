@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..model import StitchedLM
+from ..model import StitchedLM, call_block
 from .cache import Sel, StaticKVCache, compose
 from .plan import RoutePlan
 
@@ -36,9 +36,9 @@ def model_lock(model: StitchedLM) -> threading.RLock:
 
 def call_layer(layer, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-    """One HF decoder block (the unit `torch.compile` wraps when compiling layers)."""
-    return layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                 position_embeddings=(cos, sin))
+    """One HF decoder block with the engine's static cache (the unit `torch.compile` wraps when
+    compiling layers); the call itself is `stitchlib.model.call_block`, shared with every other path."""
+    return call_block(layer, x, mask=mask, position_ids=pos, position_embeddings=(cos, sin), cache=cache)
 
 
 class StitchRunner:
