@@ -15,6 +15,7 @@ tiny synthetic pair, which exercises every step but produces nonsense text.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -35,8 +36,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--calibration", type=int, default=400, help="chat examples fitting the stitching layers")
     p.add_argument("--validation", type=int, default=120,
-                   help="held-out chat examples measuring the routes (the deployment gate; the first 24 measure "
-                        "every route, the rest only those not clearly worse than the small anchor)")
+                   help="held-out chat examples measuring the routes (the deployment gate), in slices of 24: "
+                        "the first measures every route, each next one only those not clearly worse than the "
+                        "small anchor so far")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end")
@@ -124,10 +126,11 @@ def _budgets(stitches: list[dict]) -> list[str | None]:
     lat = sorted(s["latency_ms"] for s in stitches if isinstance(s.get("latency_ms"), (int, float)))
     gfl = sorted(s["gflops"] for s in stitches if isinstance(s.get("gflops"), (int, float)))
     out: list[str | None] = [None, "40%"]
+    # rounded UP, so that the budget a stitch's own figure is printed as still fits that stitch
     if gfl:
-        out.append(f"{gfl[len(gfl) // 3]:.3g}GFLOPs")
+        out.append(f"{math.ceil(gfl[len(gfl) // 3] * 1000) / 1000:g}GFLOPs")
     if lat:
-        out += [f"{lat[len(lat) // 2]:.4g}ms/token", f"{max(1, int(lat[0] * 0.5))}ms/token"]
+        out += [f"{math.ceil(lat[len(lat) // 2] * 10) / 10:g}ms/token", f"{max(1, int(lat[0] * 0.5))}ms/token"]
     return out
 
 

@@ -249,3 +249,7 @@ def test_quickstart_formatting_tolerates_missing_figures():
     full = [{"latency_ms": 20.0, "gflops": 1.0}, {"latency_ms": 40.0, "gflops": 2.0}]
     assert _budgets(full) == [None, "40%", "1GFLOPs", "40ms/token", "10ms/token"]
     assert _budgets([{"latency_ms": None, "gflops": None}]) == [None, "40%"]
+    # a budget printed from a stitch's own figure is rounded up, so that stitch still fits it
+    real = [{"latency_ms": 91.13, "gflops": 1.031963}, {"latency_ms": 209.94, "gflops": 2.5612},
+            {"latency_ms": 293.54, "gflops": 3.175}]
+    assert _budgets(real)[2:4] == ["2.562GFLOPs", "210ms/token"]
