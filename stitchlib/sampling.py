@@ -22,22 +22,27 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
 
 
+def draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+         generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+    """The one sampler (reference generation and the serving engine both draw here): logits [N, V];
+    temperature (> 0), top_p: [N]; one generator per row (None: torch's default) -> token ids [N].
+    Exponential race (argmax p / E, E ~ Exp(1)) == sampling from p, without a host sync; each row
+    draws V exponentials from its own generator, so a row's draw never depends on its batch companions."""
+    t = temperature.float().clamp(min=1e-5).unsqueeze(-1)
+    probs = top_p_filter(torch.softmax(logits.float() / t, dim=-1), top_p.float())
+    noise = torch.empty_like(probs)
+    for i, g in enumerate(generators or [None] * probs.shape[0]):
+        noise[i].exponential_(1.0, generator=g)
+    return (probs / noise).argmax(-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                 generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
     """logits: [B, V]; temperature, top_p: [B] -> token ids [B]. temperature 0 means greedy."""
-    logits = logits.float()
-    greedy = logits.argmax(-1)
+    greedy = logits.float().argmax(-1)
     if bool((temperature <= 0).all()):
         return greedy
-    t = temperature.clamp(min=1e-5).unsqueeze(-1)
-    probs = top_p_filter(torch.softmax(logits / t, dim=-1), top_p)
-    # Exponential race (argmax p / E, E ~ Exp(1)) == sampling from p, without a host sync.
-    noise = torch.empty_like(probs)
-    gens = generators or [None] * probs.shape[0]
-    for i, g in enumerate(gens):
-        noise[i].exponential_(1.0, generator=g)
-    sampled = (probs / noise).argmax(-1)
-    return torch.where(temperature <= 0, greedy, sampled)
+    return torch.where(temperature <= 0, greedy, draw(logits, temperature, top_p, generators))
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

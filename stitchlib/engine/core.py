@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from ..model import StitchedLM
 from ..runtime import SamplingParams
-from ..sampling import TokenLogprob, make_generator, token_logprobs, top_p_filter
+from ..sampling import TokenLogprob, draw, make_generator, token_logprobs
 from ..space import Stitch
 from .cache import StaticKVCache
 from .plan import RoutePlan, build_plan
@@ -291,22 +291,18 @@ class StitchEngine:
         return tok
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """Greedy for temperature 0, else temperature + top-p via the exponential race with each
-        request's own generator: a row's draws never depend on its batch companions. Same maths
-        and draw order as `stitchlib.sampling.sample_next`, without its host-side all-greedy check."""
+        """Greedy for temperature 0, else `stitchlib.sampling.draw` (temperature + top-p, each
+        request's own generator) on the sampling rows only: the greedy check needs no host sync here,
+        the parameters being on the host."""
         tok = logits.argmax(-1)
         idx = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and not r.prefilling]
         if not idx:
             return tok
         dev = logits.device
-        sub = logits[idx].float() if len(idx) < len(reqs) else logits.float()
+        sub = logits[idx] if len(idx) < len(reqs) else logits
         temp = torch.tensor([reqs[i].params.temperature for i in idx], dtype=torch.float32, device=dev)
         top_p = torch.tensor([reqs[i].params.top_p for i in idx], dtype=torch.float32, device=dev)
-        probs = top_p_filter(torch.softmax(sub / temp.clamp(min=1e-5)[:, None], dim=-1), top_p)
-        noise = torch.empty_like(probs)
-        for j, i in enumerate(idx):
-            noise[j].exponential_(1.0, generator=reqs[i].generator)
-        sampled = (probs / noise).argmax(-1)
+        sampled = draw(sub, temp, top_p, [reqs[i].generator for i in idx])
         if len(idx) == len(reqs):
             return sampled
         tok[torch.tensor(idx, device=dev)] = sampled
