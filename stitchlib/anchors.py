@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .errors import AnchorError
+from .hub import BUILTIN_ANCHORS, pull, resolve_gguf
+from .tiny import build_tiny_model, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +172,11 @@ def _resolve_dir(src: str, progress: bool) -> Path:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise AnchorError(f"GGUF file not found: {p}")
-        from .hub import resolve_gguf
         return resolve_gguf(p, progress=progress)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise AnchorError(f"{p} is a directory but holds no config.json (not a Hugging Face model)")
         return p
-    from .hub import BUILTIN_ANCHORS, pull
     if src in BUILTIN_ANCHORS:
         return pull(src, progress=progress)
     known = ", ".join([*TINY_NAMES, *BUILTIN_ANCHORS])
@@ -189,7 +189,6 @@ def load_anchor(src: str, *, dtype: str | torch.dtype = "bfloat16", device: str 
     """Load an anchor from a built-in name, an HF directory or a GGUF file."""
     dtype = resolve_dtype(dtype)
     if src in TINY_NAMES:
-        from .tiny import build_tiny_model, build_tiny_tokenizer
         model, tok = build_tiny_model(src, dtype=torch.float32), build_tiny_tokenizer()
         name = src
     else:

@@ -27,9 +27,14 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from . import data as D
+from . import gate as G
+from .anchors import load_anchor
+from .calibrate import calibrate_, default_calibration_texts, distill_stitching_, token_batches
 from .errors import PaletteError
 from .fileio import sha256_file
-from .gate import GateResult, GateRow
+from .gate import GateResult, GateRow, paired_se, screen, select_deployment
+from .model import StitchedLM
+from .quality import RouteNLL, chat_eval_batches, route_nll
 from .pst import PSTConfig
 from .space import StitchSpaceConfig
 
@@ -317,10 +322,6 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     stitch: that many steps of 4 calibration sequences each, one pass over fresh data (more passes
     overfit; benchmarks/CHAT_INIT.md). It costs a forward and backward of each stitch's large tail per
     step (~27 min for 24 steps on the Qwen pair, 2 CPU cores), so it is off by default."""
-    from .anchors import load_anchor
-    from .calibrate import calibrate_, default_calibration_texts, token_batches
-    from .gate import SCREEN_Z, paired_se, screen, select_deployment
-    from .model import StitchedLM
 
     if task == "classify" and (not labels or len(labels) < 2):
         raise PaletteError("a classify palette needs at least two labels")
@@ -350,8 +351,6 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     residual = calibrate_(model, batches, progress=progress, total=len(batches), weighting=weighting)
     metrics = {sid: {"calibration_residual": r} for sid, r in residual.items()}
     if distill_steps > 0:
-        from .calibrate import distill_stitching_
-
         quads = [(i[j:j + 4], a[j:j + 4]) for i, a in batches for j in range(0, i.shape[0], 4)][:distill_steps]
         kl = distill_stitching_(model, quads, [s.id for s in model.stitches if s.kind == "stitch"],
                                 steps=distill_steps, lr=distill_lr, progress=progress)
@@ -362,8 +361,6 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
                                 "calibration_sequences": calibration["sequences"], "max_len": max_len, "seed": seed}
     quality_metric = None
     if val_examples:
-        from .quality import RouteNLL, chat_eval_batches, route_nll
-
         def rows(res: dict) -> list[GateRow]:  # route results -> gate input, with per-example samples
             return [GateRow(i, model.cost(model.get(i)).gflops, -r.loss, tuple(r.samples())) for i, r in res.items()]
 
@@ -386,7 +383,7 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
                 measured[i], seen[i] = (measured[i] + r if i in measured else r), hi
             small_at[hi] = rows({"small": measured["small"]})[0]
             if hi < len(val_examples):
-                keep, drops = screen(rows({i: measured[i] for i in keep}), z=SCREEN_Z)
+                keep, drops = screen(rows({i: measured[i] for i in keep}), z=G.SCREEN_Z)
                 screened += drops
             lo = hi
         gate_input = rows({i: measured[i] for i in keep})

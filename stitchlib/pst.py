@@ -12,6 +12,7 @@ selected at run time by the current route's slot ids.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,13 @@ class PSTConfig(BaseModel):
 
 class RouteState:
     """Which stitch slot(s) the current forward runs, shared by every PST module of one model.
-    `slots` is an int (whole batch on one stitch) or a LongTensor [B] (one slot per row)."""
+    `slots` is an int (whole batch on one stitch) or a LongTensor [B] (one slot per row). `lock`
+    guards it: forwards of several engines over the same model (concurrent `generate_steps` calls)
+    must not interleave, since each sets `slots` before its forward."""
 
     def __init__(self) -> None:
         self.slots: int | torch.Tensor | None = None
+        self.lock = threading.RLock()
 
 
 def _bias_for(table: torch.Tensor, slots, like: torch.Tensor) -> torch.Tensor:

@@ -12,38 +12,23 @@ import torch
 from pydantic import BaseModel, Field
 
 from .anchors import load_anchor, resolve_dtype
+from .engine.pool import EnginePool
+from .engine.profile import device_info, load_profile, profile_stitches, table_problem
 from .errors import PaletteError
 from .model import StitchedLM
 from .palette import PaletteManifest, StitchEntry, load_palette, read_manifest
+from .quant import DEFAULT_GROUP_SIZE, check_mode, quantize_model_
+from .types import MAX_TOP_LOGPROBS, SamplingParams, StitchProfile
+
+__all__ = ["MAX_TOP_LOGPROBS", "PaletteRuntime", "SamplingParams", "StitchInfo", "StitchProfile", "stitch_infos"]
 
 log = logging.getLogger(__name__)
-
-MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
-
-
-class SamplingParams(BaseModel):
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=(
-        "per generated token: its log-probability and the `logprobs` most likely alternatives, from the "
-        "raw logits (before temperature and top-p); None: none"))
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=(
-        "per prompt token after the first: its log-probability given the tokens before it, and the "
-        "`prompt_logprobs` most likely alternatives; None: none"))
 
 
 class StitchInfo(StitchEntry):
     """A deployed stitch as serving sees it: the manifest row plus a comparable quality figure."""
 
     quality: float = Field(description="higher is better; the palette's quality metric, or size when unknown")
-
-
-class StitchProfile(BaseModel):
-    prefill_s_per_token: float
-    decode_step_s: dict[int, float]
 
 
 def stitch_infos(manifest: PaletteManifest) -> list[StitchInfo]:
@@ -71,6 +56,7 @@ class PaletteRuntime:
         self.stitches = stitch_infos(manifest)
         self.eos_token_ids = {t for t in [self.tokenizer.eos_token_id, model.large_anchor.config.eos_token_id]
                      if isinstance(t, int)}
+        self._engines = EnginePool(self)  # idle engines of `generate_steps`: caches allocated once
 
     @classmethod
     def load(cls, palette_dir: str | Path, *, device: str = "cpu", dtype: str = "bfloat16",
@@ -78,8 +64,6 @@ class PaletteRuntime:
         """quantize: "none" | "int8" | "int4": the anchors' decoder-block linears held as weight-only
         int8 / int4 (group-wise, `group_size`) codes, the LM heads too, AFTER the LoRA merge;
         stitching layers and stitch-specific biases stay exact (stitchlib/quant.py)."""
-        from .quant import DEFAULT_GROUP_SIZE, check_mode, quantize_model_
-
         try:
             quantize = check_mode(quantize)
         except ValueError as e:
@@ -133,9 +117,7 @@ class PaletteRuntime:
         if longest > self.max_context:
             raise ValueError(f"prompt + max_tokens = {longest} exceeds the context of {self.max_context}")
         # Static-cache engine: mixed-stitch continuous batching, CUDA graphs on GPU (stitchlib.engine).
-        from .engine.pool import generate_steps
-
-        yield from generate_steps(self, prompts, stitch_id, params)
+        yield from self._engines.generate_steps(prompts, stitch_id, params)
 
     # ---- classification -----------------------------------------------------------------------
     @torch.no_grad()
@@ -156,16 +138,12 @@ class PaletteRuntime:
                 batch_sizes: tuple[int, ...] = (1,)) -> dict[str, StitchProfile]:
         """Measure on this hardware: prefill seconds per prompt token and seconds per decode step
         at each batch size (median of `decode_steps` steps, after one warm-up)."""
-        from .engine.profile import profile_stitches
-
         vocab = min(len(self.tokenizer), self.model.small_anchor.stats.vocab_size)
         return profile_stitches(self.model, stitch_ids or [s.id for s in self.stitches], prompt_len=prompt_len,
                                 decode_steps=decode_steps, batch_sizes=tuple(batch_sizes), vocab=vocab)
 
     def profile_meta(self) -> dict:
         """What a saved profile table records about where it was measured (and is checked against)."""
-        from .engine.profile import device_info
-
         return {**device_info(self.device), "dtype": str(self.model.small_anchor.dtype).removeprefix("torch."),
                 "quantize": self.quantize, "palette": self.name, "small_fingerprint": self.model.small_anchor.fingerprint,
                 "large_fingerprint": self.model.large_anchor.fingerprint}
@@ -173,8 +151,6 @@ class PaletteRuntime:
     def load_profile_table(self, path: str | Path) -> dict[str, StitchProfile] | str:
         """A table written by `stitchserve profile` for this palette on this kind of hardware, or why
         it cannot be used (unreadable, another device/dtype/anchor pair, a deployed stitch missing)."""
-        from .engine.profile import load_profile, table_problem
-
         try:
             profiles, meta = load_profile(path)
         except (OSError, ValueError, KeyError, TypeError) as e:

@@ -368,7 +368,6 @@ def test_runtime_accepts_only_a_profile_table_measured_for_it(tmp_path):
 
 
 def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
-    from stitchlib.engine.pool import pool_for
     from stitchlib.palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
@@ -379,10 +378,10 @@ def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
     first = next(gen)
     assert all(t is not None for t in first)
     gen.close()  # stops work: the engine's rows are released and it goes back to the pool
-    (engine,) = pool_for(rt)._idle
+    (engine,) = rt._engines._idle
     assert not engine.requests and engine.num_running == 0
     steps = list(rt.generate_steps([ids], "s1-l2", [_greedy(6)]))
-    assert pool_for(rt)._idle == [engine]  # reused, not rebuilt
+    assert rt._engines._idle == [engine]  # reused, not rebuilt
     ref = rt.model.generate(torch.tensor([ids]), "s1-l2", max_new_tokens=6)[0].tolist()
     assert [s[0] for s in steps] == ref
     # two calls in flight at once get separate engines: interleaving them changes nothing
@@ -396,7 +395,6 @@ def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
 def test_runtime_generate_steps_aborts_one_row_and_frees_its_slot(tmp_path):
     """gen.send([i]) stops row i at once (None from then on, slot freed); the other rows' tokens
     are exactly what they would have been."""
-    from stitchlib.engine.pool import pool_for
     from stitchlib.palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
@@ -410,4 +408,4 @@ def test_runtime_generate_steps_aborts_one_row_and_frees_its_slot(tmp_path):
     steps += list(gen)
     assert all(s[1] is None for s in steps[2:]) and all(s[1] is not None for s in steps[:2])
     assert [s[0] for s in steps] == alone
-    assert all(not e.requests for e in pool_for(rt)._idle)
+    assert all(not e.requests for e in rt._engines._idle)

@@ -31,10 +31,11 @@ import torch
 from pydantic import BaseModel, Field
 
 from ..model import StitchedLM
-from ..runtime import SamplingParams
+from ..types import SamplingParams
 from ..sampling import TokenLogprob, draw, make_generator, token_logprobs
 from ..space import Stitch
 from .cache import StaticKVCache
+from .graphs import DecodeGraphs, compile_layer_fn
 from .plan import RoutePlan, build_plan
 from .runner import StitchRunner, call_layer, model_lock
 
@@ -118,7 +119,6 @@ class StitchEngine:
         self.caches = {"small": cache(S, small_layers), "large": cache(L, large_layers)}
         layer_fn = call_layer
         if cfg.compile_layers:
-            from .graphs import compile_layer_fn
             layer_fn = compile_layer_fn(cfg.compile_mode)
         self.runner = StitchRunner(model, self.caches["small"], self.caches["large"], max_seq=cfg.max_seq_len,
                                    decode_layer_fn=layer_fn)
@@ -142,7 +142,6 @@ class StitchEngine:
         self.graphs = None
         self.graph_error: str | None = None
         if use_graphs:
-            from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.runner, self.tokens, self.lengths, max_graphs=cfg.max_graphs)
         self.pad = cfg.pad_to_bucket if cfg.pad_to_bucket is not None else use_graphs
 

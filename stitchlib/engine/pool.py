@@ -1,6 +1,6 @@
-"""Engines for `PaletteRuntime`: its `generate_steps` and `profile` run on `StitchEngine`.
+"""Engines for `PaletteRuntime`: its `generate_steps` runs on `StitchEngine`.
 
-A runtime keeps idle engines in a small pool (cache allocation and CUDA graph captures are paid once,
+A runtime owns a small pool of idle engines (cache allocation and CUDA graph captures are paid once,
 not per call); a call takes an idle engine big enough for it or builds one, and gives it back when
 its generator is closed or exhausted. Concurrent calls get separate engines, so one call's step
 never advances another call's rows. Serving that wants mixed-stitch continuous batching across
@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 
 from .core import EngineConfig, StitchEngine
 
+from ..types import SamplingParams
+
 if TYPE_CHECKING:
-    from ..runtime import PaletteRuntime, SamplingParams
+    from ..runtime import PaletteRuntime
 
 _MIN_SEQ = 256
 _MIN_SLOTS = 8
@@ -33,6 +35,8 @@ def engine_for_runtime(rt: "PaletteRuntime", config: EngineConfig | None = None)
 
 
 class EnginePool:
+    """A runtime's idle engines (the runtime owns one: `PaletteRuntime._engines`)."""
+
     def __init__(self, rt: "PaletteRuntime", keep: int = 2) -> None:
         self._rt = weakref.ref(rt)
         self._idle: list[StitchEngine] = []
@@ -59,31 +63,18 @@ class EnginePool:
             self._idle.sort(key=lambda e: (e.cfg.max_slots * e.cfg.max_seq_len), reverse=True)
             del self._idle[self.keep:]
 
-
-_pools: "weakref.WeakKeyDictionary[PaletteRuntime, EnginePool]" = weakref.WeakKeyDictionary()
-_pools_lock = threading.Lock()
-
-
-def pool_for(rt: "PaletteRuntime") -> EnginePool:
-    with _pools_lock:
-        pool = _pools.get(rt)
-        if pool is None:
-            pool = _pools[rt] = EnginePool(rt)
-        return pool
-
-
-def generate_steps(rt: "PaletteRuntime", prompts: list[list[int]], stitch_id: str,
-                   params: list["SamplingParams"]) -> Iterator[list[int | None]]:
-    """`PaletteRuntime.generate_steps` on an engine: one yield per step, None for finished rows."""
-    pool = pool_for(rt)
-    longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
-    engine = pool.acquire(len(prompts), longest)
-    try:
-        rids = [engine.add_request(p, stitch_id, sp) for p, sp in zip(prompts, params)]
-        while engine.has_unfinished():
-            toks = engine.step()
-            aborted = yield [toks.get(r) for r in rids]
-            for i in aborted or ():  # gen.send([row, ...]): those rows stop now and free their slots
-                engine.abort(rids[i])
-    finally:
-        pool.release(engine)
+    def generate_steps(self, prompts: list[list[int]], stitch_id: str,
+                       params: list[SamplingParams]) -> Iterator[list[int | None]]:
+        """`PaletteRuntime.generate_steps` on an idle engine of this pool: one yield per step, None for
+        finished rows; the engine goes back to the pool when the generator ends or is closed."""
+        longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
+        engine = self.acquire(len(prompts), longest)
+        try:
+            rids = [engine.add_request(p, stitch_id, sp) for p, sp in zip(prompts, params)]
+            while engine.has_unfinished():
+                toks = engine.step()
+                aborted = yield [toks.get(r) for r in rids]
+                for i in aborted or ():  # gen.send([row, ...]): those rows stop now and free their slots
+                    engine.abort(rids[i])
+        finally:
+            self.release(engine)

@@ -17,7 +17,7 @@ import torch
 
 from ..fileio import atomic_write
 from ..model import StitchedLM
-from ..runtime import SamplingParams, StitchProfile
+from ..types import SamplingParams, StitchProfile
 from .core import EngineConfig, StitchEngine
 
 

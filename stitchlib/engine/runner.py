@@ -10,7 +10,6 @@ rotary embeddings and the anchor's `StaticKVCache`.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -20,18 +19,10 @@ from .cache import Sel, StaticKVCache, compose
 from .plan import RoutePlan
 
 
-_locks: "weakref.WeakKeyDictionary[StitchedLM, threading.RLock]" = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
 def model_lock(model: StitchedLM) -> threading.RLock:
-    """One lock per model: `model.route.slots` is shared state, so forwards of engines over the same
-    model (e.g. concurrent `generate_steps` calls) must not interleave."""
-    with _locks_guard:
-        lock = _locks.get(model)
-        if lock is None:
-            lock = _locks[model] = threading.RLock()
-        return lock
+    """The model's route lock (`RouteState.lock`): `model.route.slots` is shared state, so forwards of
+    engines over the same model (e.g. concurrent `generate_steps` calls) must not interleave."""
+    return model.route.lock
 
 
 def call_layer(layer, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
