@@ -168,7 +168,7 @@ def distill_stitching_(model: StitchedLM, batches: list[tuple[torch.Tensor, torc
     from tqdm.auto import tqdm
 
     S, L = model.S, model.L
-    dS, dL = model.small_anchor.stats.num_layers, model.large_anchor.stats.num_layers
+    dL = model.large_anchor.stats.num_layers
     stitches = [model.get(i) for i in stitch_ids]
     splits = {s.split for s in stitches}
     prepared = []

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from .anchors import load_anchor, resolve_dtype
 from .engine.pool import EnginePool
