@@ -26,6 +26,8 @@ from typing import Any
 
 DEFAULT_SMALL, DEFAULT_LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 PROMPT = "Write a Python function that returns the square of a number."
+# benchmarks/QUANT.md: decode speed and per-stitch quality of each mode on this pair
+DEFAULT_QUANTIZE = "int8"
 
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
@@ -39,6 +41,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="held-out chat examples measuring the routes (the deployment gate), in slices of 24: "
                         "the first measures every route, each next one only those not clearly worse than the "
                         "small anchor so far")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default=DEFAULT_QUANTIZE,
+                   help=f"weight-only quantized anchors (default {DEFAULT_QUANTIZE}: measured in benchmarks/QUANT.md)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end")
@@ -148,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     # router still gets a measured latency for every stitch, in a third of the time on a 2-core CPU.
     cfg_path = cache_root() / "quickstart-serve.yaml"
     cfg_path.write_text(yaml.safe_dump({"port": args.port, "palettes": [{
-        "path": str(palette), "profile": {"prompt_len": 16, "decode_steps": 4, "batch_sizes": [1, 4]}}]}))
+        "path": str(palette), "quantize": args.quantize,
+        "profile": {"prompt_len": 16, "decode_steps": 4, "batch_sizes": [1, 4]}}]}))
     cmd = [sys.executable, "-m", "stitchlib.cli", "serve", "--config", str(cfg_path), "--replicas", "1"]
     log_path = cache_root() / "logs" / "quickstart-serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
