@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -261,10 +262,7 @@ def quantize_anchor_linears_(anchor, mode: QuantMode, *, group_size: int = DEFAU
     items = _targets(anchor, head=head_mode is not None)
     before = after = 0
     fallbacks = []
-    it = items
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(items, desc=f"quantize {anchor.name} ({mode})", unit="linear")
+    it = tqdm(items, desc=f"quantize {anchor.name} ({mode})", unit="linear") if progress else items
     for parent, attr, lin, name in it:
         m = head_mode if attr == "lm_head" and parent is anchor.model else mode
         if _layer_mode(m, lin, group_size) != m:
