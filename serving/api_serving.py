@@ -491,7 +491,9 @@ class OpenAIServing:
 
     # ---- tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) ---------------------------------
     async def _tokenizer_call(self, model: str | None, method: str, *args: Any) -> tuple[str, Any] | ServingError:
-        ref = self.palette(model, "chat")
+        # a named model of either task (a classify palette has a tokenizer too); unnamed: the one chat model
+        named = self.palettes.get(model) if model is not None else None
+        ref = named if named is not None else self.palette(model, "chat")
         if isinstance(ref, ServingError):
             return ref
         try:

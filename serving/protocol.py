@@ -109,8 +109,11 @@ class _SamplingFields(RequestModel):
     n: int = Field(1, ge=1, le=1, description="only 1. " + _NOT_SUPPORTED)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    # non-empty strings, at most MAX_STOP_STRINGS of them (schemathesis found [""] schema-valid but refused)
+    stop: Annotated[str | list[str] | None, WithJsonSchema({"anyOf": [
+        _TEXT, {"type": "array", "items": _TEXT, "maxItems": MAX_STOP_STRINGS}, {"type": "null"}]})] = None
+    # what a torch generator takes: a seed outside it made the engine refuse the request (a 500)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="only 0. " + _NOT_SUPPORTED)
     presence_penalty: float | None = Field(None, ge=0, le=0, description="only 0. " + _NOT_SUPPORTED)
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="only empty. " + _NOT_SUPPORTED)
@@ -460,7 +463,8 @@ class ClassifyInput(BaseModel):
 class TokenizeRequest(RequestModel):
     model: str | None = Field(None, description="may be omitted when one chat palette is served")
     prompt: str | None = Field(None, description="text to tokenize (or messages)")
-    messages: list[ChatMessage] | None = Field(None, description="rendered with the chat template first")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="rendered with the chat template "
+                                                                               "first")
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
 
