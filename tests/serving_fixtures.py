@@ -18,10 +18,19 @@ API_KEY = "test-key-123"
 SMALL_PROFILE = {"prompt_len": 8, "decode_steps": 3, "batch_sizes": [1, 4]}
 
 
+# Ports a local Ray takes AFTER we pick ours (ray.init starts them): a free port that is one of these
+# gets taken by Ray before Serve binds to it ("Failed to bind to address '127.0.0.1:52365'", seen once
+# in a full run: 52365 is the dashboard agent's default).
+RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8077, 8265, 10001, 44217, 44227, 52365, 52366, 62365})
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 @dataclass
@@ -103,12 +112,17 @@ def start_serving(root: Path) -> Served:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 500},
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    cfg = serve_config(palettes, http_port)
-    t0 = time.time()
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
-    tight = tight_config(palettes, http_port)
-    serve.run(build_app(tight), name=tight.app_name, route_prefix=tight.route_prefix)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        cfg = serve_config(palettes, http_port)
+        t0 = time.time()
+        serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+        tight = tight_config(palettes, http_port)
+        serve.run(build_app(tight), name=tight.app_name, route_prefix=tight.route_prefix)
+    except BaseException:  # one failed start must not leave Ray up for every later module ("init twice")
+        serve.shutdown()
+        ray.shutdown()
+        raise
     _SERVED = Served(f"http://127.0.0.1:{http_port}", API_KEY, metrics_port, palettes, cfg,
                      {"startup_s": time.time() - t0})
     return _SERVED
