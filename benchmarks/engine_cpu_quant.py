@@ -93,9 +93,8 @@ def llama_cpp_runner(path: Path, threads: int, prompt: list[int]):
 
 
 # ---- our engine ---------------------------------------------------------------------------------
-@torch.no_grad()
-def engine_steps(model, sid: str, prompts: list[list[int]], steps: int, **config_kw) -> list[float]:
-    """Seconds per decode step of len(prompts) requests on one stitch (after prefill and one warm-up)."""
+def warm_engine(model, sid: str, prompts: list[list[int]], steps: int, **config_kw):
+    """An engine with len(prompts) requests on one stitch, past prefill and one warm-up decode step."""
     from stitchlib.engine import EngineConfig, StitchEngine
     from stitchlib.runtime import SamplingParams
 
@@ -106,6 +105,13 @@ def engine_steps(model, sid: str, prompts: list[list[int]], steps: int, **config
         e.add_request(p, sid, SamplingParams(max_tokens=steps + 4, temperature=0.0))
     e.step()
     e.decode_burst(1)
+    return e
+
+
+@torch.no_grad()
+def engine_steps(model, sid: str, prompts: list[list[int]], steps: int, **config_kw) -> list[float]:
+    """Seconds per decode step of len(prompts) requests on one stitch (after prefill and one warm-up)."""
+    e = warm_engine(model, sid, prompts, steps, **config_kw)
     out = [timed(lambda: e.decode_burst(1), e.device) for _ in range(steps)]
     del e
     return out
@@ -117,16 +123,8 @@ def step_profile(model, sid: str, prompts: list[list[int]], steps: int = 4, **co
     rest of the wall time (Python, module dispatch, the engine's bookkeeping) as `outside ops`."""
     from torch.profiler import ProfilerActivity, profile
 
-    from stitchlib.engine import EngineConfig, StitchEngine
-    from stitchlib.runtime import SamplingParams
-
     n = len(prompts)
-    e = StitchEngine(model, EngineConfig(max_slots=n, max_seq_len=len(prompts[0]) + steps + 8, stitches=[sid],
-                                         **config_kw))
-    for p in prompts:
-        e.add_request(p, sid, SamplingParams(max_tokens=steps + 4, temperature=0.0))
-    e.step()
-    e.decode_burst(1)
+    e = warm_engine(model, sid, prompts, steps, **config_kw)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
