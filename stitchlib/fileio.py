@@ -9,6 +9,9 @@ benchmarks, the device-side benchmark scripts) can use the same three helpers.
   flush and ``fsync`` it, then ``os.replace`` it into place; on any error the temporary file is
   removed and the destination is left as it was. A reader therefore sees the old file or the whole
   new one, never a truncated one, even if the writer is killed midway.
+- :func:`atomic_dir`: the same for a directory (a converted anchor, a palette): fill a temporary
+  sibling directory, then rename it into place; an old directory is renamed aside first and removed
+  after the new one is in place.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -98,4 +103,36 @@ def atomic_write(path: str | Path, data: str | bytes, *, encoding: str | None = 
     return Path(path)
 
 
-__all__ = ["CHUNK_BYTES", "atomic_open", "atomic_write", "cache_root", "sha256_file"]
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary directory next to ``path`` to fill; on a clean exit it takes ``path``'s place.
+
+    The temporary directory is ``0o755`` (``mkdtemp`` makes it private; caches and palettes are read
+    by other processes and users). An existing ``path`` is renamed aside, the new directory renamed
+    in, then the old one removed: readers see the old directory or the whole new one (for the
+    instant between the two renames, none). If the block raises, the temporary directory is
+    removed, ``path`` is untouched and the exception propagates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tmp.chmod(0o755)
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}.{secrets.token_hex(4)}")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the old one back rather than leave nothing
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["CHUNK_BYTES", "atomic_dir", "atomic_open", "atomic_write", "cache_root", "sha256_file"]

@@ -31,12 +31,10 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from stitchlib.errors import AnchorError
-from stitchlib.fileio import CHUNK_BYTES, atomic_open, atomic_write, cache_root, sha256_file
+from stitchlib.fileio import CHUNK_BYTES, atomic_dir, atomic_open, atomic_write, cache_root, sha256_file
 
 logger = logging.getLogger("stitchlib.hub")
 
@@ -524,19 +522,13 @@ def _convert(
     except Exception as exc:
         raise AnchorError(f"conversion failed while rebuilding {gguf_path.name}: {exc}") from exc
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the team's tools
     try:
-        fresh.save_pretrained(tmp, safe_serialization=True)
-        chat_template = getattr(tokenizer, "chat_template", None)
-        tokenizer.save_pretrained(tmp)
-        _ensure_chat_template(tmp, chat_template)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        with atomic_dir(out_dir) as tmp:
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            chat_template = getattr(tokenizer, "chat_template", None)
+            tokenizer.save_pretrained(tmp)
+            _ensure_chat_template(tmp, chat_template)
     except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise AnchorError(f"conversion failed while saving {out_dir}: {exc}") from exc
     marker = {
         "source": source,

@@ -15,10 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +28,7 @@ from . import gate as G
 from .anchors import load_anchor
 from .calibrate import calibrate_, default_calibration_texts, distill_stitching_, token_batches
 from .errors import PaletteError
-from .fileio import sha256_file
+from .fileio import atomic_dir, sha256_file
 from .gate import GateResult, GateRow, paired_se, screen, select_deployment
 from .model import StitchedLM
 from .quality import RouteNLL, chat_eval_batches, route_nll
@@ -128,10 +125,7 @@ def save_palette(out_dir: str | Path, manifest: PaletteManifest, tensors: dict[s
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise PaletteError(f"{out} already exists (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a palette is shared with serving processes
-    try:
+    with atomic_dir(out) as tmp:
         files = {}
         for fname, ts in split_tensors(tensors).items():
             save_file(ts, str(tmp / fname), metadata={"format": "stitchserve-palette"})
@@ -143,16 +137,6 @@ def save_palette(out_dir: str | Path, manifest: PaletteManifest, tensors: dict[s
         (tmp / MANIFEST).write_text(m.model_dump_json(indent=2))
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -83,6 +83,28 @@ def test_atomic_write_permissions_follow_umask(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644  # readable by the team's other tools, like open(...)
 
 
+def test_atomic_dir_replaces_whole_directories(tmp_path):
+    out = tmp_path / "cache" / "pal"
+    old = os.umask(0o022)
+    try:
+        with fileio.atomic_dir(out) as tmp:
+            assert tmp.parent == out.parent and not out.exists()  # nothing visible until the block ends
+            (tmp / "a.bin").write_bytes(b"one")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0o700: other processes read it
+    assert [p.name for p in out.iterdir()] == ["a.bin"]
+    with fileio.atomic_dir(out) as tmp:  # an existing directory is replaced whole, old files gone
+        (tmp / "b.bin").write_bytes(b"two")
+    assert [p.name for p in out.iterdir()] == ["b.bin"]
+    with pytest.raises(RuntimeError, match="midway"):
+        with fileio.atomic_dir(out) as tmp:
+            (tmp / "c.bin").write_bytes(b"half")
+            raise RuntimeError("killed midway")
+    assert [p.name for p in out.iterdir()] == ["b.bin"] and (out / "b.bin").read_bytes() == b"two"
+    assert [p.name for p in out.parent.iterdir()] == ["pal"]  # no temporary or old directory left
+
+
 def test_fileio_imports_only_the_standard_library():
     """Leaf module: usable before transformers is pinned (device scripts) and without torch."""
     code = (
