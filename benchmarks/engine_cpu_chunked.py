@@ -22,7 +22,7 @@ import torch
 
 def run_one(model, chunk: int | None, *, streams: int, stitch: str, joiner: str, prompt_len: int,
             before: int, after: int, seed: int = 0) -> dict:
-    from stitchlib.engine import EngineConfig, StitchEngine
+    from stitchlib.engine import EngineConfig, StepOutput, StitchEngine
     from stitchlib.runtime import SamplingParams
 
     vocab = model.small_anchor.stats.vocab_size
@@ -41,10 +41,10 @@ def run_one(model, chunk: int | None, *, streams: int, stitch: str, joiner: str,
     engine.step()  # warm-up decode
     steps: list[dict] = []
 
-    def step(phase: str) -> dict[int, int]:
+    def step(phase: str) -> StepOutput:
         t0 = time.perf_counter()
         out = engine.step()
-        steps.append({"phase": phase, "s": time.perf_counter() - t0, "prefill_tokens": sum(engine.last_prefill.values())})
+        steps.append({"phase": phase, "s": time.perf_counter() - t0, "prefill_tokens": sum(out.prefilled.values())})
         return out
 
     for _ in range(before):

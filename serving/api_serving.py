@@ -1,4 +1,4 @@
-"""Serving logic between the HTTP router (`app.py`) and the palette deployments.
+"""Serving logic inside the ingress, between the HTTP layer (`app.py`) and the palette replicas (`replica.py`).
 
 Parses and validates OpenAI-style requests and the budget headers, picks the palette deployment, calls
 it through its Serve handle, and assembles OpenAI-style responses or SSE streams. Every failure is a
@@ -12,13 +12,15 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .budget import BudgetError, try_parse_budget
+from .budget import Budget, BudgetError, try_parse_budget
 from .config import PaletteDeploymentConfig, ServeConfig
+from .items import (ClassifyInput, ClassifyOutput, DeltaItem, FinalItem, GenerateInput, ReplicaReady, RouteItem,
+                    ServingError)
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import NO_STITCH, ResponseStats, StatLogger
 from .protocol import (
@@ -28,28 +30,20 @@ from .protocol import (
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
     ChatResponseMessage,
-    ClassifyInput,
     ClassifyRequest,
     ClassifyResponse,
-    ClassifyResult,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
     DetokenizeRequest,
-    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
-    GenerateInput,
-    ModelCard,
     ModelList,
     StitchCard,
     StitchList,
-    StitchStatus,
     TokenizeRequest,
-    TokenizeResponse,
-    TokenizerInfo,
     UsageInfo,
     random_id,
 )
@@ -61,26 +55,6 @@ POLICY_HEADER = "x-budget-policy"
 TIMEOUT_HEADER = "x-request-timeout-seconds"
 STITCH_HEADER = "x-stitch-id"  # evaluation override: serve on this deployed stitch
 POLICIES = {"strict": True, "best-effort": False, "best_effort": False}
-
-
-@dataclass
-class ServingError:
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    model: str = ""  # for metrics
-    stitch: str = NO_STITCH
-
-    def body(self) -> dict[str, Any]:
-        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
-                                             code=self.status)).model_dump()
-
-    @classmethod
-    def from_value(cls, v: dict[str, Any], model: str = "") -> "ServingError":
-        return cls(v["status"], v["message"], v.get("error_type", "invalid_request_error"), v.get("param"),
-                   dict(v.get("headers") or {}), model=model)
 
 
 @dataclass
@@ -156,7 +130,7 @@ async def _await_before(awaitable: Any, deadline: float) -> Any:
     return task.result()
 
 
-async def _next_before(gen: Any, deadline: float) -> dict[str, Any] | None:
+async def _next_before(gen: Any, deadline: float) -> Any:
     """The next item of a replica's response stream, None at its end (see `_await_before`)."""
     try:
         return await _await_before(gen.__anext__(), deadline)
@@ -204,21 +178,22 @@ class OpenAIServing:
             return ServingError(400, msg, param=param)
 
     @staticmethod
-    def parse_budget_headers(headers: Mapping[str, str], body_budget: str | None) -> tuple[str | None, bool] | ServingError:
+    def parse_budget_headers(headers: Mapping[str, str],
+                             body_budget: str | None) -> tuple[Budget | None, bool] | ServingError:
+        """-> (the budget, parsed here once for the replica; None when absent, strict policy)."""
         text = headers.get(BUDGET_HEADER)
         if text is None:
             text = body_budget
+        parsed = None
         if text is not None and text.strip():
             parsed = try_parse_budget(text)
             if isinstance(parsed, BudgetError):
                 return ServingError(400, str(parsed), type="invalid_budget", param="X-Compute-Budget")
-        else:
-            text = None
         policy = headers.get(POLICY_HEADER, "best-effort").strip().lower()
         if policy not in POLICIES:
             return ServingError(400, f"X-Budget-Policy must be 'strict' or 'best-effort', got {policy!r}",
                                 param="X-Budget-Policy")
-        return text, POLICIES[policy]
+        return parsed, POLICIES[policy]
 
     def timeout_s(self, headers: Mapping[str, str]) -> float | ServingError:
         t = self.cfg.request_timeout_s
@@ -298,33 +273,29 @@ class OpenAIServing:
             seed=req.seed, stop=req.stop or [], budget=budget[0], strict=budget[1], stitch=budget[2],
             stream=req.stream, logprobs=req.top_k_logprobs() if chat else req.logprobs,
             echo=False if chat else req.echo)
-        gen = ref.handle.options(stream=True).generate.remote(inp.model_dump(mode="json"))
+        gen = ref.handle.options(stream=True).generate.remote(inp)
         first = await self._first(gen, deadline, ref.name)
         if isinstance(first, ServingError):
-            return self.fail(first)
-        if first["type"] == "error":
-            return self.fail(ServingError.from_value(first, ref.name))
-        card = StitchCard.model_validate(first["stitch"])
+            return self.fail(first.model_copy(update={"model": ref.name}))
+        card = first.stitch
         hdrs = stitch_headers(card)
-        prompt_tokens = first["prompt_tokens"]
+        prompt_tokens = first.prompt_tokens
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return Served(hdrs, stream=self._stream(gen, card, ref.name, rid, chat, prompt_tokens, include_usage,
                                                     deadline, inp.logprobs is not None))
         text: list[str] = []
         entries: list[dict[str, Any]] = []
-        final: dict[str, Any] | None = None
+        final: FinalItem | None = None
         try:
             while (item := await _next_before(gen, deadline)) is not None:
-                if item["type"] == "delta":
-                    text.append(item["text"])
-                    entries += item.get("logprobs", ())
-                elif item["type"] == "final":
+                if isinstance(item, DeltaItem):
+                    text.append(item.text)
+                    entries += item.logprobs or ()
+                elif isinstance(item, FinalItem):
                     final = item
-                elif item["type"] == "error":  # the replica's engine failed this request mid-way
-                    err = ServingError.from_value(item, ref.name)
-                    err.stitch = card.id
-                    return self.fail(err)
+                elif isinstance(item, ServingError):  # the replica's engine failed this request mid-way
+                    return self.fail(item.model_copy(update={"model": ref.name, "stitch": card.id}))
         except asyncio.TimeoutError:
             gen.cancel()
             return self.fail(ServingError(504, f"request timed out after {timeout:g}s", type="timeout",
@@ -341,23 +312,23 @@ class OpenAIServing:
             return self.fail(ServingError(500, f"generation failed: {e}", type="internal_error", model=ref.name,
                                           stitch=card.id))
         assert final is not None
-        usage = UsageInfo(**final["usage"])
+        usage = final.usage
         want_lp = inp.logprobs is not None
         if chat:
             body: BaseModel = ChatCompletionResponse(
                 id=rid, model=ref.name, usage=usage, stitch=card,
                 choices=[ChatCompletionChoice(message=ChatResponseMessage(content="".join(text)),
                                               logprobs=chat_logprobs(entries) if want_lp else None,
-                                              finish_reason=final["finish_reason"])])
+                                              finish_reason=final.finish_reason)])
         else:
             body = CompletionResponse(id=rid, model=ref.name, usage=usage, stitch=card,
                                       choices=[CompletionChoice(text="".join(text),
                                                                 logprobs=completion_logprobs(entries) if want_lp else None,
-                                                                finish_reason=final["finish_reason"])])
+                                                                finish_reason=final.finish_reason)])
         self.record(ref.name, card.id, 200, card.budget_met)
         return Served(hdrs, body=body)
 
-    async def _first(self, gen: Any, deadline: float, model: str) -> dict[str, Any] | ServingError:
+    async def _first(self, gen: Any, deadline: float, model: str) -> RouteItem | ServingError:
         """The replica's first item (route or error value), mapping Serve's own failures to values."""
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -413,17 +384,16 @@ class OpenAIServing:
                 yield chunk("", role=True, stitch=card)
             first_delta = not chat
             while (item := await _next_before(gen, deadline)) is not None:
-                if item["type"] == "delta":
-                    yield chunk(item["text"], stitch=card if first_delta else None, entries=item.get("logprobs"))
+                if isinstance(item, DeltaItem):
+                    yield chunk(item.text, stitch=card if first_delta else None, entries=item.logprobs)
                     first_delta = False
-                elif item["type"] == "final":
-                    yield chunk(None if chat else "", item["finish_reason"], stitch=card)
+                elif isinstance(item, FinalItem):
+                    yield chunk(None if chat else "", item.finish_reason, stitch=card)
                     if include_usage:
-                        yield chunk(None, usage=UsageInfo(**item["usage"]), empty=True)
-                elif item["type"] == "error":  # the replica's engine failed this request mid-way
-                    status = item["status"]
-                    yield sse(ErrorResponse(error=ErrorInfo(message=item["message"], type=item["error_type"],
-                                                            code=item["status"])))
+                        yield chunk(None, usage=item.usage, empty=True)
+                elif isinstance(item, ServingError):  # the replica's engine failed this request mid-way
+                    status = item.status
+                    yield sse(ErrorResponse(error=ErrorInfo(message=item.message, type=item.type, code=item.status)))
                     finished = True
                     return
             finished = True
@@ -458,7 +428,7 @@ class OpenAIServing:
 
         rid = random_id("cls")
         inp = ClassifyInput(request_id=rid, texts=req.input, budget=budget[0], strict=budget[1], stitch=budget[2])
-        resp = ref.handle.classify.remote(inp.model_dump(mode="json"))
+        resp = ref.handle.classify.remote(inp)
         try:
             out = await _await_before(resp, time.monotonic() + timeout)
         except BackPressureError:
@@ -479,13 +449,12 @@ class OpenAIServing:
             log.exception("palette replica failed")
             return self.fail(ServingError(500, f"the model replica failed: {type(e).__name__}: {e}",
                                           type="internal_error", model=ref.name))
-        if out["type"] == "error":
-            return self.fail(ServingError.from_value(out, ref.name))
-        card = StitchCard.model_validate(out["stitch"])
-        body = ClassifyResponse(id=rid, model=ref.name, stitch=card,
-                                data=[ClassifyResult(**r) for r in out["results"]],
-                                usage=UsageInfo(prompt_tokens=out["prompt_tokens"],
-                                                total_tokens=out["prompt_tokens"]))
+        if isinstance(out, ServingError):
+            return self.fail(out.model_copy(update={"model": ref.name}))
+        assert isinstance(out, ClassifyOutput)
+        card = out.stitch
+        body = ClassifyResponse(id=rid, model=ref.name, stitch=card, data=out.results,
+                                usage=UsageInfo(prompt_tokens=out.prompt_tokens, total_tokens=out.prompt_tokens))
         self.record(ref.name, card.id, 200, card.budget_met)
         return Served(stitch_headers(card), body=body)
 
@@ -506,8 +475,8 @@ class OpenAIServing:
         except Exception as e:  # a replica that failed: a JSON error, not a bare 500 page
             log.exception("palette replica failed")
             return ServingError(500, f"the model replica failed: {type(e).__name__}: {e}", type="internal_error")
-        if isinstance(out, dict) and out.get("type") == "error":
-            return ServingError.from_value(out, ref.name)
+        if isinstance(out, ServingError):
+            return out.model_copy(update={"model": ref.name})
         return ref.name, out
 
     async def tokenize(self, raw: bytes) -> Served | ServingError:
@@ -517,18 +486,18 @@ class OpenAIServing:
         messages = None if req.messages is None else [{"role": m.role, "content": m.text()} for m in req.messages]
         out = await self._tokenizer_call(req.model, "tokenize", req.prompt, messages, req.add_special_tokens,
                                          req.add_generation_prompt)
-        return out if isinstance(out, ServingError) else Served({}, body=TokenizeResponse(**out[1]))
+        return out if isinstance(out, ServingError) else Served({}, body=out[1])
 
     async def detokenize(self, raw: bytes) -> Served | ServingError:
         req = self.parse_body(raw, DetokenizeRequest)
         if isinstance(req, ServingError):
             return req
         out = await self._tokenizer_call(req.model, "detokenize", req.tokens)
-        return out if isinstance(out, ServingError) else Served({}, body=DetokenizeResponse(**out[1]))
+        return out if isinstance(out, ServingError) else Served({}, body=out[1])
 
     async def tokenizer_info(self, model: str | None) -> Served | ServingError:
         out = await self._tokenizer_call(model, "tokenizer_info")
-        return out if isinstance(out, ServingError) else Served({}, body=TokenizerInfo(**out[1]))
+        return out if isinstance(out, ServingError) else Served({}, body=out[1])
 
     # ---- introspection ------------------------------------------------------------------------------
     async def models(self) -> ModelList | ServingError:
@@ -540,8 +509,7 @@ class OpenAIServing:
         except _replica_lost_types():
             return ServingError(503, "a model replica stopped while answering (Serve is replacing it); retry",
                                 type="unavailable", headers={"Retry-After": "5"})
-        return ModelList(data=[ModelCard(id=name, task=i["task"], labels=i["labels"], max_context=i["max_context"],
-                                         stitches=i["stitches"]) for name, i in zip(self.palettes, infos)])
+        return ModelList(data=list(infos))
 
     async def stitches(self, model: str | None) -> StitchList | ServingError:
         refs = list(self.palettes.values())
@@ -558,15 +526,16 @@ class OpenAIServing:
         except _replica_lost_types():
             return ServingError(503, "a model replica stopped while answering (Serve is replacing it); retry",
                                 type="unavailable", headers={"Retry-After": "5"})
-        return StitchList(data=[StitchStatus.model_validate(s) for lst in lists for s in lst])
+        return StitchList(data=[s for lst in lists for s in lst])
 
     async def ready(self, timeout_s: float = 5.0) -> tuple[bool, dict[str, Any]]:
-        async def one(p: PaletteRef) -> dict[str, Any]:
+        async def one(p: PaletteRef) -> ReplicaReady:
             try:
                 return await _await_before(p.handle.ready.remote(), time.monotonic() + timeout_s)
             except Exception as e:
-                return {"model": p.name, "ready": False, "error": f"{type(e).__name__}: {e}"}
+                return ReplicaReady(model=p.name, ready=False, error=f"{type(e).__name__}: {e}")
 
         states = await asyncio.gather(*(one(p) for p in self.palettes.values()))
-        ok = all(s.get("ready") for s in states)
-        return ok, {"status": "ready" if ok else "not ready", "models": states}
+        ok = all(s.ready for s in states)
+        return ok, {"status": "ready" if ok else "not ready",
+                    "models": [s.model_dump(mode="json", exclude_unset=True) for s in states]}

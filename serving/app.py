@@ -1,4 +1,5 @@
-"""HTTP router (FastAPI ingress) and `build_app(config)`, the builder that returns the Serve application.
+"""The HTTP layer (the ingress: FastAPI routes) and `build_app(config)`, the builder that returns the Serve
+application.
 
 Thin on purpose: each route hands the raw request to `OpenAIServing` and maps the value it gets back
 (a body, an SSE stream, or a `ServingError`) to an HTTP response. The API key and the body-size limit
@@ -22,7 +23,7 @@ from ray.serve.deployment import Application
 from . import openapi as doc
 from .api_serving import OpenAIServing, PaletteRef, Served, ServingError
 from .config import ServeConfig
-from .deployment import PaletteServer
+from .replica import PaletteReplica
 from .metrics import RayServeStatLogger, scrape_relay
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ClassifyRequest, ClassifyResponse,
                        CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelList,
@@ -204,7 +205,7 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     cfg = ServeConfig.validate_dict(args, where="build_app args").resolved()
     handles = {}
     for p in cfg.palettes:
-        dep = serve.deployment(PaletteServer).options(
+        dep = serve.deployment(PaletteReplica).options(
             name=p.deployment_name, **p.deployment.to_options(default_max_ongoing=_default_max_ongoing(p)))
         handles[p.name] = dep.bind(p.model_dump(mode="json"))
     ingress = serve.deployment(StitchServeIngress).options(

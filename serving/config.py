@@ -5,6 +5,12 @@ block of a Ray Serve config file (`deploy/*.yaml`), so `serve run` / `serve depl
 `stitchserve serve` validate the same way. Nested Ray options (`autoscaling_config`,
 `ray_actor_options`) are checked against Serve's own schema, and keys Serve would silently ignore
 (e.g. `target_num_ongoing_requests_per_replica`, docs/DESIGN_NOTES.md section 4) are rejected.
+
+A palette's `engine` section is `stitchlib.engine.EngineConfig` itself, so every engine option (CUDA
+graphs, compiled blocks, buckets, prefill sizes, ...) is reachable from YAML; the options serving
+already names at the palette's top level (`max_batch_size`, `max_seq_len`, `prefill_chunk`) are set
+there only. `PaletteDeploymentConfig.engine_config(max_context)` resolves the one engine config a replica
+runs with. Nothing is clamped silently: a value that cannot hold is a validation error.
 """
 from __future__ import annotations
 
@@ -13,13 +19,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator,
+                      model_validator)
+
+from stitchlib.types import EngineConfig
 
 from .budget import BudgetError, try_parse_budget
-from .router import PercentBasis
+from .stitch_router import PercentBasis
 
 API_KEY_ENV = "STITCHSERVE_API_KEY"
 DEFAULT_SLOT_POSITIONS = 4096  # engine slot length when neither max_seq_len nor max_prompt_tokens is set
+# engine options a palette sets at its top level (serving's names), and the engine's own name for each
+ENGINE_KEYS_AT_TOP = {"max_slots": "set max_batch_size (the palette's key) instead",
+                      "max_seq_len": "set max_seq_len at the palette's top level instead",
+                      "prefill_chunk": "set prefill_chunk at the palette's top level instead",
+                      "stitches": "the engine serves the palette's deployed stitches; remove the key"}
 
 
 class ServeConfigError(ValueError):
@@ -201,6 +215,11 @@ class PaletteDeploymentConfig(_Strict):
                                                                          "requests), so requests are downgraded "
                                                                          "when admitted instead of served late; "
                                                                          "null: the bare estimate")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description=(
+        "every other option of the stitchlib engine (stitchlib.engine.EngineConfig): cuda_graphs, compile_layers, "
+        "compile_mode, max_graphs, batch_buckets, pad_to_bucket, kv_block, prefill_tokens. Its max_slots, "
+        "max_seq_len and prefill_chunk are this palette's max_batch_size, max_seq_len and prefill_chunk, and it "
+        "serves the palette's deployed stitches"))
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="before")
@@ -210,7 +229,46 @@ class PaletteDeploymentConfig(_Strict):
             raise ValueError("max_concurrent_batches was removed: generation is continuously batched (up to "
                              "max_batch_size rows of any stitches per engine step) and classification batches "
                              "run one at a time on the engine thread; delete the key")
+        engine = data.get("engine") if isinstance(data, dict) else None
+        if isinstance(engine, dict):  # one key per option: the palette's own name where it has one
+            twice = [k for k in ENGINE_KEYS_AT_TOP if k in engine]
+            if twice:
+                raise ValueError("; ".join(f"engine.{k}: {ENGINE_KEYS_AT_TOP[k]}" for k in twice))
         return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PaletteDeploymentConfig":
+        """Values that cannot all hold: refused here rather than one of them quietly lowered."""
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is over max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+        if self.max_seq_len is not None and self.max_prompt_tokens is not None \
+                and self.max_prompt_tokens >= self.max_seq_len:
+            raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) leaves no room for output in an engine "
+                             f"slot of max_seq_len ({self.max_seq_len}) positions")
+        if self.engine.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError(f"engine.cuda_graphs needs a CUDA device; device is {self.device!r}")
+        return self
+
+    @field_serializer("engine")
+    def _engine_as_given(self, v: EngineConfig) -> dict[str, Any]:
+        # the options given, as in the YAML: a dump validates again (the replica receives one) without
+        # naming the keys the palette sets at its top level
+        return v.model_dump(mode="json", exclude_unset=True)
+
+    def engine_config(self, max_context: int) -> EngineConfig:
+        """The one engine config a replica of this palette runs with, for a palette whose anchors hold
+        `max_context` positions. A slot length given as `max_seq_len` must fit that context; the
+        derived default (`slot_positions`) is the context at most."""
+        if self.max_seq_len is not None and self.max_seq_len > max_context:
+            raise ServeConfigError(f"palette {str(self.path)!r}: max_seq_len ({self.max_seq_len}) is over the "
+                                   f"palette's context of {max_context} positions")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens >= max_context:
+            raise ServeConfigError(f"palette {str(self.path)!r}: max_prompt_tokens ({self.max_prompt_tokens}) "
+                                   f"leaves no room for output in the palette's context of {max_context} positions")
+        return EngineConfig.model_validate({
+            **self.engine.model_dump(exclude_unset=True), "max_slots": self.max_batch_size,
+            "max_seq_len": min(self.slot_positions, max_context), "prefill_chunk": self.prefill_chunk})
 
     @property
     def slot_positions(self) -> int:

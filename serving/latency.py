@@ -1,6 +1,6 @@
 """Latency estimates per stitch on this replica: start-up profile x online correction x current load.
 
-The replica decodes with mixed-stitch continuous batching (`serving/engine.py`): ONE engine step
+The replica decodes with mixed-stitch continuous batching (`serving/engine_thread.py`): ONE engine step
 decodes every running row, whatever its stitch, and a decoder block runs once for all rows that
 need it. Model (all times in seconds; M = engine slots, i.e. rows decoded together):
 

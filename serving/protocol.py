@@ -424,41 +424,6 @@ class StitchList(OpenAIBaseModel):
     data: list[StitchStatus]
 
 
-# ---- replica-internal messages (ingress <-> palette deployment) ---------------------------------
-class GenerateInput(BaseModel):
-    """What the ingress sends a palette replica for one chat/completion request."""
-
-    request_id: str
-    messages: list[dict[str, str]] | None = None  # chat: rendered with the palette's chat template
-    prompt: str | None = None  # completions: raw text
-    prompt_ids: list[int] | None = None  # completions: token ids, used as they are
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    budget: str | None = None  # header text; the replica parses (it was validated at the ingress)
-    strict: bool = False
-    stitch: str | None = None  # X-Stitch-Id: serve on this stitch (the budget is still checked against it)
-    stream: bool = True  # False: the replica sends the text in one piece (one Ray item, not one per token)
-    logprobs: int | None = None  # per output token: its logprob and this many alternatives (None: off)
-    echo: bool = False  # the prompt text comes first, with its logprobs when `logprobs` is set
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "GenerateInput":
-        if sum(x is not None for x in (self.messages, self.prompt, self.prompt_ids)) != 1:
-            raise ValueError("exactly one of messages / prompt / prompt_ids")
-        return self
-
-
-class ClassifyInput(BaseModel):
-    request_id: str
-    texts: list[str]
-    budget: str | None = None
-    strict: bool = False
-    stitch: str | None = None
-
-
 # ---- tokenizer endpoints (vLLM's shapes: lm-evaluation-harness's remote tokenizer uses them) -------
 class TokenizeRequest(RequestModel):
     model: str | None = Field(None, description="may be omitted when one chat palette is served")

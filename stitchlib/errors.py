@@ -1,5 +1,5 @@
-"""Error types. Library code raises these (or returns them as values); only the HTTP router and the
-CLI turn them into status codes and exit codes."""
+"""Error types. Library code raises these (or returns them as values); only serving's HTTP layer (the
+ingress) and the CLI turn them into status codes and exit codes."""
 
 
 class StitchError(Exception):

@@ -1,10 +1,14 @@
-"""Value types shared by the runtime, the engine and serving: no torch, no imports from the rest of
+"""Value types shared by the runtime, the engine and serving (sampling parameters, a stitch's latency
+profile, the engine's config): no torch, no imports from the rest of
 stitchlib, so that every module can depend on them without a cycle (runtime -> engine -> types)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+# torch.compile modes that capture their own CUDA graphs (copying inputs every call): DecodeGraphs
+# captures the whole step instead, so compiled blocks must not
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 class SamplingParams(BaseModel):
@@ -27,3 +31,53 @@ class StitchProfile(BaseModel):
 
     prefill_s_per_token: float
     decode_step_s: dict[int, float]
+
+
+class EngineConfig(BaseModel):
+    """Every option of `stitchlib.engine.StitchEngine`. Unknown keys and impossible values are errors
+    (serving exposes this model as the `engine` section of a palette's YAML)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_slots: int = Field(8, ge=1, description="requests decoded concurrently (KV cache rows)")
+    max_seq_len: int = Field(1024, ge=2, description="positions per request: prompt + generated tokens")
+    kv_block: int = Field(64, ge=1, description="attention spans the longest row rounded up to a multiple of this "
+                                                "(fewer distinct shapes for CUDA graphs, less scanning than max_seq_len)")
+    prefill_tokens: int = Field(4096, ge=1, description="padded tokens per prefill call; joiners beyond it are "
+                                                        "prefilled in further calls of the same step")
+    prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens prefilled per step (chunked prefill: a "
+                                                              "longer prompt is written over several steps while "
+                                                              "the running rows keep decoding); None: whole prompts "
+                                                              "in the step that admits them")
+    stitches: list[str] | None = Field(None, min_length=1, description="stitches this engine serves (sizes the "
+                                                                       "caches); None: all")
+    cuda_graphs: bool | None = Field(None, description="capture decode steps in CUDA graphs (None: on for CUDA)")
+    compile_layers: bool = Field(False, description="torch.compile the decoder-block call (one compiled graph "
+                                                    "per anchor and shape, shared by every block)")
+    compile_mode: str | None = Field(None, description="torch.compile mode for compile_layers: None, 'default' or "
+                                                       "'max-autotune-no-cudagraphs' (no mode that captures CUDA "
+                                                       "graphs itself)")
+    max_graphs: int = Field(32, ge=1, description="captured decode graphs kept (LRU)")
+    batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128], min_length=1,
+                                     description="decode batches are padded up to the next bucket (capped at "
+                                                 "max_slots) so one captured graph serves several batch sizes; "
+                                                 "increasing, each >= 1")
+    pad_to_bucket: bool | None = Field(None, description="pad decode batches to a bucket (None: when using CUDA graphs)")
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets(cls, v: list[int]) -> list[int]:
+        if v[0] < 1 or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"batch_buckets must be increasing batch sizes >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _compile(self) -> "EngineConfig":
+        if self.compile_mode in CUDAGRAPH_COMPILE_MODES:
+            raise ValueError(f"compile_mode {self.compile_mode!r} captures its own CUDA graphs (copying inputs "
+                             f"every call); use None, 'default' or 'max-autotune-no-cudagraphs' (cuda_graphs "
+                             f"captures the whole decode step)")
+        if self.compile_mode is not None and not self.compile_layers:
+            raise ValueError(f"compile_mode {self.compile_mode!r} is set but compile_layers is off: set "
+                             f"compile_layers: true, or drop compile_mode")
+        return self

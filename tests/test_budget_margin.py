@@ -6,7 +6,7 @@ import pytest
 
 from serving.budget import parse_budget
 from serving.latency import MARGIN_CLIP, MARGIN_MIN_SAMPLES, LatencyTracker
-from serving.router import StitchCandidate, select_stitch
+from serving.stitch_router import StitchCandidate, select_stitch
 
 
 def tracker() -> LatencyTracker:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from serving.scheduler import EngineLoop, EngineStuck
+from serving.engine_thread import EngineThread, EngineStuck
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.chaos]
 
@@ -41,7 +41,7 @@ def test_stuck_step_fails_its_requests_refuses_new_ones_and_recovers(runtime):
     ids = list(range(5, 25))
 
     async def main():
-        loop = EngineLoop(make, step_timeout_s=timeout_s)
+        loop = EngineThread(make, step_timeout_s=timeout_s)
         try:
             warm = [t async for t in loop.submit("w", ids, sid, SamplingParams(max_tokens=2, temperature=0.0))]
             assert len(warm) == 2  # the engine is built and stepping

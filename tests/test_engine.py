@@ -183,15 +183,14 @@ def test_stop_tokens_and_finish_reasons(pst_model, ref):
     rid = engine.add_request(PROMPTS[0], "s1-l2", _greedy())
     toks, reasons = [], {}
     while engine.has_unfinished():
-        toks += engine.step().values()
-        reasons.update(engine.last_finished)
+        out = engine.step()
+        toks += out.values()
+        reasons.update(out.finished)
     assert toks == want[: want.index(stop) + 1] and reasons == {rid: "stop"}
     engine = StitchEngine(pst_model, EngineConfig(max_slots=2, max_seq_len=32))
     rid = engine.add_request(PROMPTS[0], "s1-l2", _greedy(2, stop_token_ids=[want[5]]))
-    engine.step()
-    assert engine.last_finished == {}
-    engine.step()
-    assert engine.last_finished == {rid: "length"}
+    assert engine.step().finished == {}
+    assert engine.step().finished == {rid: "length"}
 
 
 LONG = _prompts(1, seed=5)[0] * 3  # 15 tokens: several chunks
@@ -227,7 +226,7 @@ def test_chunked_prefill_keeps_running_rows_decoding(pst_model, ref):
     got, steps = {a: [ref(PROMPTS[2], "s2-l3", 1)[0]], b: []}, []
     while b not in got or not got[b]:
         out = engine.step()
-        steps.append((set(out), dict(engine.last_prefill), dict(engine.last_decoded)))
+        steps.append((set(out), out.prefilled, out.decoded))
         for rid, tok in out.items():
             got[rid].append(tok)
     assert [s[0] for s in steps] == [{a}, {a}, {a}, {a, b}]
@@ -282,8 +281,10 @@ def test_requests_queue_when_slots_are_full_and_validation(pst_model):
     a = engine.add_request([1, 2, 3], "small", _greedy(2))
     b = engine.add_request([4, 5], "s2-l3", _greedy(2))
     assert set(engine.step()) == {a} and engine.num_waiting == 1
-    assert set(engine.step()) == {a, b}  # a's last token frees the slot; b is prefilled in the same step
-    assert engine.last_finished == {a: "length"} and engine.num_running == 1
+    out = engine.step()
+    assert set(out) == {a, b}  # a's last token frees the slot; b is prefilled in the same step
+    assert out == {a: out[a], b: out[b]} and out.tokens == dict(out)  # a StepOutput reads as {rid: token}
+    assert out.finished == {a: "length"} and engine.num_running == 1
     assert engine.abort(b) and not engine.abort(b) and not engine.has_unfinished()
     with pytest.raises(KeyError, match="not served"):
         engine.add_request([1], "large")

@@ -41,9 +41,9 @@ def _run(engine, jobs):
         for rid, tok in toks.items():
             i = rid_of[rid]
             out[i][0].append(tok)
-            if rid in engine.last_logprobs:
-                out[i][1].append(engine.last_logprobs[rid])
-        for rid, plp in engine.last_prompt_logprobs.items():
+            if rid in toks.logprobs:
+                out[i][1].append(toks.logprobs[rid])
+        for rid, plp in toks.prompt_logprobs.items():
             out[rid_of[rid]] = (*out[rid_of[rid]][:2], plp)
     return out
 

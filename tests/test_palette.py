@@ -195,7 +195,7 @@ def test_prompt_format_recorded_and_served_as_recorded(chat_palette, tmp_path):
     """A chat palette records how its data was rendered; serving's prompt for a chat request follows
     the record (here edited to add a system prompt), and equals training's prompt ids for it. A
     manifest from before the field loads with None and is served with the chat template, as before."""
-    from serving.engine import RuntimeEngine
+    from serving.engine_client import RuntimeEngineClient
     from stitchlib import data as D
     from stitchlib.data import ChatExample
 
@@ -206,7 +206,7 @@ def test_prompt_format_recorded_and_served_as_recorded(chat_palette, tmp_path):
     raw = json.loads((pal / "manifest.json").read_text())
     raw["prompt_format"]["system_prompt"] = "Answer in one line."
     (pal / "manifest.json").write_text(json.dumps(raw))
-    eng = RuntimeEngine.load(str(pal))
+    eng = RuntimeEngineClient.load(str(pal))
     tok = eng.rt.tokenizer
     msgs = [{"role": "user", "content": "Write a square function."}]
     rec = D.encode_chat([ChatExample("Write a square function.", "", "x")], tok, 256,
@@ -216,6 +216,6 @@ def test_prompt_format_recorded_and_served_as_recorded(chat_palette, tmp_path):
     assert eng.render_chat(msgs).count("Answer in one line.") == 1
     del raw["prompt_format"]
     (pal / "manifest.json").write_text(json.dumps(raw))
-    old = RuntimeEngine.load(str(pal))
+    old = RuntimeEngineClient.load(str(pal))
     assert old.rt.manifest.prompt_format is None
     assert old.render_chat(msgs) == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)

@@ -93,7 +93,78 @@ def test_engine_slots_and_default_max_ongoing(palettes):
     assert _default_max_ongoing(cls) == 4 * 7  # a full batch per stitch (the tiny pair deploys 7)
     assert chat.slot_positions == DEFAULT_SLOT_POSITIONS  # no prompt limit: a preallocation that fits in memory
     assert chat.model_copy(update={"max_prompt_tokens": 100}).slot_positions == 100 + chat.max_tokens_limit
-    assert chat.model_copy(update={"max_prompt_tokens": 100, "max_seq_len": 64}).slot_positions == 64
+    assert chat.model_copy(update={"max_prompt_tokens": 100, "max_seq_len": 128}).slot_positions == 128
+
+
+@pytest.mark.parametrize("palette, needle", [
+    ({"engine": {"max_slots": 4}}, "engine.max_slots: set max_batch_size (the palette's key) instead"),
+    ({"engine": {"max_seq_len": 64}}, "engine.max_seq_len: set max_seq_len at the palette's top level instead"),
+    ({"engine": {"prefill_chunk": 64}}, "engine.prefill_chunk: set prefill_chunk at the palette's top level"),
+    ({"engine": {"stitches": ["small"]}}, "engine.stitches: the engine serves the palette's deployed stitches"),
+    ({"engine": {"cuda_graph": True}}, "palettes.0.engine.cuda_graph: Extra inputs are not permitted"),
+    ({"engine": {"cuda_graphs": True}}, "engine.cuda_graphs needs a CUDA device; device is 'cpu'"),
+    ({"engine": {"compile_layers": True, "compile_mode": "reduce-overhead"}},
+     "palettes.0.engine: compile_mode 'reduce-overhead' captures its own CUDA graphs"),
+    ({"engine": {"compile_mode": "default"}}, "compile_mode 'default' is set but compile_layers is off"),
+    ({"engine": {"batch_buckets": [4, 2]}}, "palettes.0.engine.batch_buckets: batch_buckets must be increasing"),
+    ({"engine": {"batch_buckets": [0, 2]}}, "batch sizes >= 1, got [0, 2]"),
+    ({"engine": {"kv_block": 0}}, "palettes.0.engine.kv_block: Input should be greater than or equal to 1"),
+    ({"default_max_tokens": 300, "max_tokens_limit": 200}, "default_max_tokens (300) is over max_tokens_limit (200)"),
+    ({"max_prompt_tokens": 128, "max_seq_len": 128}, "max_prompt_tokens (128) leaves no room for output in an engine "
+                                                     "slot of max_seq_len (128) positions"),
+])
+def test_impossible_engine_values_are_refused_not_clamped(palette, needle):
+    """One key per engine option, and values that cannot hold are validation errors naming the key."""
+    with pytest.raises(ServeConfigError) as e:
+        ServeConfig.validate_dict({"palettes": [{"path": "x", **palette}]})
+    assert needle in str(e.value), str(e.value)
+
+
+def test_engine_config_resolves_once_against_the_context():
+    """`engine_config(context)` is the one engine config a replica runs with: the palette's own keys,
+    the nested engine options, and the context; a slot length given over the context is an error
+    (the derived default is the context at most)."""
+    from serving.config import PaletteDeploymentConfig
+
+    p = PaletteDeploymentConfig(path="x", max_batch_size=3, prefill_chunk=None, max_prompt_tokens=100,
+                                max_tokens_limit=200, engine={"kv_block": 16, "max_graphs": 4, "compile_layers": True})
+    e = p.engine_config(1024)
+    assert (e.max_slots, e.max_seq_len, e.prefill_chunk, e.stitches) == (3, 300, None, None)
+    assert (e.kv_block, e.max_graphs, e.compile_layers, e.prefill_tokens) == (16, 4, True, 4096)
+    assert p.engine_config(256).max_seq_len == 256  # derived (max_prompt_tokens + max_tokens_limit): capped
+    assert PaletteDeploymentConfig(path="x").engine_config(1024).max_seq_len == 1024
+    with pytest.raises(ServeConfigError, match=r"max_seq_len \(2048\) is over the palette's context of 1024"):
+        PaletteDeploymentConfig(path="x", max_seq_len=2048).engine_config(1024)
+    with pytest.raises(ServeConfigError, match=r"max_prompt_tokens \(100\) leaves no room for output in the "
+                                               r"palette's context of 100"):
+        p.engine_config(100)
+    # what the replica receives (a JSON dump) validates to the same config; the dump names only the
+    # engine options that were given
+    dumped = p.model_dump(mode="json")
+    assert dumped["engine"] == {"kv_block": 16, "max_graphs": 4, "compile_layers": True}
+    assert PaletteDeploymentConfig.model_validate(dumped).engine_config(1024) == e
+
+
+def test_yaml_reaches_every_engine_option(palettes, tmp_path):
+    """An engine option written in the YAML serve config is what the replica's engine is built with."""
+    from serving.engine_client import RuntimeEngineClient
+    from stitchlib.types import EngineConfig
+
+    f = tmp_path / "serve.yaml"
+    f.write_text(yaml.safe_dump({"palettes": [{
+        "path": str(palettes["tinychat"]), "max_batch_size": 3, "max_seq_len": 200, "prefill_chunk": 16,
+        "engine": {"kv_block": 8, "prefill_tokens": 64, "max_graphs": 2, "batch_buckets": [1, 3],
+                   "pad_to_bucket": True, "cuda_graphs": False}}]}))
+    pal = ServeConfig.from_yaml(f).resolved().palettes[0]
+    client = RuntimeEngineClient.load(str(pal.path), engine=pal.engine_config)
+    built = client._build()  # what the engine thread builds at the first request
+    want = EngineConfig(max_slots=3, max_seq_len=200, prefill_chunk=16, kv_block=8, prefill_tokens=64, max_graphs=2,
+                        batch_buckets=[1, 3], pad_to_bucket=True, cuda_graphs=False,
+                        stitches=[s.id for s in client.stitches])
+    assert built.cfg == want and built.pad and built.graphs is None
+    assert (client.max_slots, client.max_seq_len) == (3, 200)
+    assert EngineConfig.model_fields.keys() - {"max_slots", "max_seq_len", "prefill_chunk", "stitches"} <= \
+        set(yaml.safe_load(f.read_text())["palettes"][0]["engine"]) | {"compile_layers", "compile_mode"}
 
 
 def test_yaml_errors(tmp_path):

@@ -4,10 +4,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from serving.api_serving import OpenAIServing, ServingError
-from serving.budget import GRAMMAR
-from serving.deployment import IncrementalDetokenizer
+from serving.budget import GRAMMAR, parse_budget
+from serving.items import GenerateInput
+from serving.replica import IncrementalDetokenizer
 from serving.metrics import build_buckets, relay_families, render_families
-from serving.protocol import ChatCompletionRequest, ClassifyRequest, CompletionRequest, GenerateInput
+from serving.protocol import ChatCompletionRequest, ClassifyRequest, CompletionRequest
 
 
 # ---- protocol ------------------------------------------------------------------------------------------
@@ -66,10 +67,12 @@ def test_parse_body_errors_are_values():
 
 def test_budget_headers_are_checked_at_the_ingress():
     parse = OpenAIServing.parse_budget_headers
-    assert parse({"x-compute-budget": "25ms, 1B"}, None) == ("25ms, 1B", False)
-    assert parse({"x-budget-policy": "Strict"}, "40%") == ("40%", True)  # body extension when no header
-    assert parse({"x-compute-budget": "40%"}, "1B") == ("40%", False)  # the header wins
+    # parsed here, once: the replica gets the Budget and never parses it again
+    assert parse({"x-compute-budget": "25ms, 1B"}, None) == (parse_budget("25ms, 1B"), False)
+    assert parse({"x-budget-policy": "Strict"}, "40%") == (parse_budget("40%"), True)  # body extension when no header
+    assert parse({"x-compute-budget": "40%"}, "1B") == (parse_budget("40%"), False)  # the header wins
     assert parse({}, None) == (None, False)
+    assert parse({"x-compute-budget": "  "}, None) == (None, False)  # blank: the palette's default
     err = parse({"x-compute-budget": "soon"}, None)
     assert isinstance(err, ServingError) and err.status == 400 and GRAMMAR in err.message
     assert parse({"x-budget-policy": "lenient"}, None).status == 400

@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
 
 from ..model import StitchedLM
-from ..types import SamplingParams
+from ..types import EngineConfig, SamplingParams
 from ..sampling import TokenLogprob, draw, make_generator, token_logprobs
 from ..space import Stitch
 from .cache import StaticKVCache
@@ -44,27 +44,28 @@ log = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length", "abort"]
 
 
-class EngineConfig(BaseModel):
-    max_slots: int = Field(8, ge=1, description="requests decoded concurrently (KV cache rows)")
-    max_seq_len: int = Field(1024, ge=2, description="positions per request: prompt + generated tokens")
-    kv_block: int = Field(64, ge=1, description="attention spans the longest row rounded up to a multiple of this "
-                                                "(fewer distinct shapes for CUDA graphs, less scanning than max_seq_len)")
-    prefill_tokens: int = Field(4096, ge=1, description="padded tokens per prefill call; joiners beyond it are "
-                                                        "prefilled in further calls of the same step")
-    prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens prefilled per step (chunked prefill: a "
-                                                              "longer prompt is written over several steps while "
-                                                              "the running rows keep decoding); None: whole prompts "
-                                                              "in the step that admits them")
-    stitches: list[str] | None = Field(None, description="stitches this engine serves (sizes the caches); None: all")
-    cuda_graphs: bool | None = Field(None, description="capture decode steps in CUDA graphs (None: on for CUDA)")
-    compile_layers: bool = Field(False, description="torch.compile the decoder-block call (one compiled graph "
-                                                    "per anchor and shape, shared by every block)")
-    compile_mode: str | None = Field(None, description="torch.compile mode for compile_layers (no cudagraph modes)")
-    max_graphs: int = Field(32, ge=1, description="captured decode graphs kept (LRU)")
-    batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128],
-                                     description="decode batches are padded up to the next bucket (capped at "
-                                                 "max_slots) so one captured graph serves several batch sizes")
-    pad_to_bucket: bool | None = Field(None, description="pad decode batches to a bucket (None: when using CUDA graphs)")
+@dataclass(eq=False)
+class StepOutput(Mapping[int, int]):
+    """What one `step()` did. As a mapping it is `tokens` (request id -> the token it got this step, one
+    per decoding request), so `for rid, tok in engine.step().items()` reads as it always did."""
+
+    tokens: dict[int, int] = field(default_factory=dict)
+    finished: dict[int, FinishReason] = field(default_factory=dict)  # finished in this step (gone afterwards)
+    decoded: dict[str, int] = field(default_factory=dict)  # stitch id -> rows decoded (prefilling ones included)
+    prefilled: dict[str, int] = field(default_factory=dict)  # stitch id -> padded prompt tokens prefilled
+    # for the requests that asked for them: the logprob of the token each got, and the prompt logprobs
+    # of those whose prompt this step completed (the first entry None: nothing to score it against)
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)
+
+    def __getitem__(self, rid: int) -> int:
+        return self.tokens[rid]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass
@@ -129,13 +130,7 @@ class StitchEngine:
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # in slots, prompt partly written; oldest first
         self.requests: dict[int, Request] = {}
-        self.last_finished: dict[int, FinishReason] = {}
-        self.last_prefill: dict[str, int] = {}  # stitch id -> padded prompt tokens prefilled in the last step
-        self.last_decoded: dict[str, int] = {}  # stitch id -> rows the last step decoded (prefilling ones included)
-        # Requests that asked for them: the logprob of the token the last step gave them, and the prompt
-        # logprobs of those whose prompt the last step completed.
-        self.last_logprobs: dict[int, TokenLogprob] = {}
-        self.last_prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
+        self._out = StepOutput()  # what the current step did; `step()` returns it
         self._next_rid = 0
         self._plans: OrderedDict[tuple[int, ...], RoutePlan] = OrderedDict()
         use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else self.device.type == "cuda"
@@ -185,20 +180,18 @@ class StitchEngine:
         return True
 
     @torch.no_grad()
-    def step(self) -> dict[int, int]:
-        """Advance every active request by one token. -> {request id: token}. Requests that finished
-        in this step are listed with their reason in `last_finished` and are gone afterwards."""
-        self.last_finished, self.last_prefill, self.last_decoded = {}, {}, {}
-        self.last_logprobs, self.last_prompt_logprobs = {}, {}
-        out: dict[int, int] = {}
+    def step(self) -> StepOutput:
+        """Advance every active request by one token. -> the step's `StepOutput` ({request id: token} as
+        a mapping); requests that finished in it are in its `finished` and are gone afterwards."""
+        self._out = out = StepOutput()
         if len(self.prefilling) < len(self.rows):  # someone is decoding
             running = list(self.rows)
-            self.last_decoded = dict(Counter(r.stitch.id for r in running))
+            out.decoded.update(Counter(r.stitch.id for r in running))
             for req, tok in zip(running, self._decode().tolist()):
                 if not req.prefilling:
-                    self._emit(req, tok, out)
+                    self._emit(req, tok)
             self._release(running)
-        self._release(self._admit(out))
+        self._release(self._admit())
         return out
 
     def has_unfinished(self) -> bool:
@@ -316,7 +309,7 @@ class StitchEngine:
         sel = torch.tensor(idx, device=logits.device)
         for i, lp in zip(idx, token_logprobs(logits[sel], tok[sel], [reqs[i].params.logprobs for i in idx])):
             reqs[i].logprobs.append(lp)
-            self.last_logprobs[reqs[i].rid] = lp
+            self._out.logprobs[reqs[i].rid] = lp
 
     def _prompt_logprobs(self, full: dict[int, torch.Tensor], pieces: list[tuple[Request, int]],
                          start: list[int]) -> None:
@@ -331,10 +324,10 @@ class StitchEngine:
                 targets = torch.tensor(r.prompt[start[i] + 1: start[i] + 1 + m], device=logits.device)
                 r.prompt_logprobs += token_logprobs(logits[:m], targets, [r.params.prompt_logprobs] * m)
             if not r.prefilling:
-                self.last_prompt_logprobs[r.rid] = r.prompt_logprobs
+                self._out.prompt_logprobs[r.rid] = r.prompt_logprobs
 
-    def _emit(self, req: Request, tok: int, out: dict[int, int]) -> None:
-        out[req.rid] = tok
+    def _emit(self, req: Request, tok: int) -> None:
+        self._out.tokens[req.rid] = tok
         req.tokens.append(tok)
         req.produced += 1
         if tok in req.stops:
@@ -347,9 +340,9 @@ class StitchEngine:
             if req.finished is not None and req.rid in self.requests:
                 self._remove(req.row)
                 del self.requests[req.rid]
-                self.last_finished[req.rid] = req.finished
+                self._out.finished[req.rid] = req.finished
 
-    def _admit(self, out: dict[int, int]) -> list[Request]:
+    def _admit(self) -> list[Request]:
         """Spend this step's prefill budget: first on the prompts already in progress (oldest first),
         then on waiting requests, which take free slots. -> the requests that got their first token."""
         budget = self.cfg.prefill_chunk or math.inf
@@ -374,15 +367,15 @@ class StitchEngine:
         for piece in pieces:
             t = max(n for _, n in [*chunk, piece])
             if chunk and t * (len(chunk) + 1) > self.cfg.prefill_tokens:
-                self._prefill(chunk, out)
+                self._prefill(chunk)
                 chunk = []
             chunk.append(piece)
-        self._prefill(chunk, out)
+        self._prefill(chunk)
         done = [r for r, _ in pieces if not r.prefilling]
         self.prefilling = [r for r in self.prefilling if r.prefilling]
         return done
 
-    def _prefill(self, pieces: list[tuple[Request, int]], out: dict[int, int]) -> None:
+    def _prefill(self, pieces: list[tuple[Request, int]]) -> None:
         """Write the next `n` prompt tokens of each request (sorted by row) at positions length..length+n-1
         of its slot, right-padded to the longest piece. Pad tokens sit at later positions of their own
         row (clamped to the slot's last position, which a prompt never reaches since max_tokens >= 1),
@@ -403,7 +396,7 @@ class StitchEngine:
         plan = self._plan(tuple(r.key for r, _ in pieces))
         for (r, _), e in zip(pieces, end):
             r.length = e
-            self.last_prefill[r.stitch.id] = self.last_prefill.get(r.stitch.id, 0) + T
+            self._out.prefilled[r.stitch.id] = self._out.prefilled.get(r.stitch.id, 0) + T
         done = [i for i, (r, _) in enumerate(pieces) if not r.prefilling]
         scored = [i for i, (r, _) in enumerate(pieces) if r.params.prompt_logprobs is not None]
         with self._lock:
@@ -425,7 +418,7 @@ class StitchEngine:
         done_rows = torch.tensor([rows[i] for i in done], dtype=torch.long, device=self.device)
         self.tokens[done_rows] = tok
         for i, t in zip(done, tok.tolist()):
-            self._emit(pieces[i][0], t, out)
+            self._emit(pieces[i][0], t)
 
     # ---- slots: keep rows compact and sorted by key, moving at most one row per group -------------
     def _move(self, src: int, dst: int) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..types import CUDAGRAPH_COMPILE_MODES
 from .plan import RoutePlan
 from .runner import StitchRunner, call_layer
 
@@ -37,7 +38,7 @@ def compile_layer_fn(mode: str | None = None) -> Callable:
     (a second torch.compile wrapper would compile everything again)."""
     if mode in _compiled:
         return _compiled[mode]
-    if mode in ("reduce-overhead", "max-autotune"):
+    if mode in CUDAGRAPH_COMPILE_MODES:  # EngineConfig refuses them; a direct caller gets the same answer
         raise ValueError(f"compile mode {mode!r} captures its own CUDA graphs (copying inputs every call); "
                          "use None, 'default' or 'max-autotune-no-cudagraphs': DecodeGraphs captures the step")
     import torch._dynamo

@@ -26,11 +26,15 @@ _MIN_SLOTS = 8
 
 
 def engine_for_runtime(rt: "PaletteRuntime", config: EngineConfig | None = None) -> StitchEngine:
-    """A new engine over the runtime's model, serving its deployed stitches, stopping at its EOS ids."""
+    """A new engine over the runtime's model, serving its deployed stitches, stopping at its EOS ids.
+    A `max_seq_len` given in `config` must fit the runtime's context; the default is the context at most."""
     cfg = config or EngineConfig()
+    if "max_seq_len" not in cfg.model_fields_set:
+        cfg = cfg.model_copy(update={"max_seq_len": min(cfg.max_seq_len, rt.max_context)})
+    elif cfg.max_seq_len > rt.max_context:
+        raise ValueError(f"max_seq_len {cfg.max_seq_len} is over the palette's context of {rt.max_context} positions")
     if cfg.stitches is None:
         cfg = cfg.model_copy(update={"stitches": [s.id for s in rt.stitches]})
-    cfg = cfg.model_copy(update={"max_seq_len": min(cfg.max_seq_len, rt.max_context)})
     return StitchEngine(rt.model, cfg, eos_token_ids=frozenset(rt.eos_token_ids))
 
 

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from serving.budget import Budget, parse_budget
 from serving.latency import LatencyTracker, interpolate_step, monotone_profile
-from serving.router import NoStitchFits, RouteDecision, StitchCandidate, select_stitch, violations
+from serving.stitch_router import NoStitchFits, RouteDecision, StitchCandidate, select_stitch, violations
 
 # A palette shaped like the tiny pair: cost grows with quality, latency roughly with cost.
 PALETTE = [

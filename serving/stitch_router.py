@@ -1,6 +1,7 @@
-"""Stitch selection: given each deployed stitch's static costs and its latency estimates on this replica
+"""The stitch router (stitch selection; "router" in this project always means this, the HTTP layer is
+the ingress): given each deployed stitch's static costs and its latency estimates on this replica
 (under the current load), pick the best-quality stitch that fits a `Budget`. Pure functions, no Ray,
-no clocks: the deployment feeds it numbers, tests feed it numbers.
+no clocks: the replica feeds it numbers, tests feed it numbers.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class RouteDecision:
 
 @dataclass(frozen=True)
 class NoStitchFits:
-    """Error value: a strict budget that no deployed stitch meets (HTTP 422 at the router)."""
+    """Error value: a strict budget that no deployed stitch meets (HTTP 422 at the ingress)."""
 
     budget: Budget
     cheapest: StitchCandidate

@@ -1,7 +1,8 @@
-"""Engine interface the deployment talks to, and its implementation over `stitchlib.runtime.PaletteRuntime`.
+"""The engine client: the interface the palette replica (`replica.py`) talks to, and its implementation
+over `stitchlib.runtime.PaletteRuntime`.
 
-`RuntimeEngine` serves generation by mixed-stitch continuous batching on ONE
-`stitchlib.engine.StitchEngine` per replica, driven by one thread (`scheduler.EngineLoop`): requests
+`RuntimeEngineClient` serves generation by mixed-stitch continuous batching on ONE
+`stitchlib.engine.StitchEngine` per replica, driven by one thread (`engine_thread.EngineThread`): requests
 on different stitches share each decode step, join between steps and leave (finished or aborted)
 without disturbing the others. Classification, profiling and the health check run on the same
 thread between steps, so the model is only ever touched by that thread and the asyncio loop keeps
@@ -17,11 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from stitchlib.data import render_messages
+from stitchlib.engine.pool import engine_for_runtime
+from stitchlib.runtime import PaletteRuntime
+from stitchlib.types import EngineConfig
 
+from .engine_thread import EngineError, EngineStuck, EngineThread, GenerationStream, StepStats
 from .logprobs import token_bytes_fn
-from .scheduler import EngineError, EngineLoop, EngineStuck, GenerationStream, StepStats
 
-__all__ = ["EngineClient", "EngineError", "EngineStuck", "GenerationRow", "GenerationStream", "RuntimeEngine",
+__all__ = ["EngineClient", "EngineError", "EngineStuck", "GenerationRow", "GenerationStream", "RuntimeEngineClient",
            "StepStats", "decode_parts"]
 
 
@@ -33,7 +37,7 @@ class GenerationRow:
 
 
 class EngineClient(ABC):
-    """What the palette deployment needs from a model engine."""
+    """What the palette replica needs from the engine (the client side of the engine thread)."""
 
     name: str
     task: str
@@ -126,41 +130,41 @@ def _init_thread() -> None:
     torch.set_grad_enabled(False)
 
 
-class RuntimeEngine(EngineClient):
-    def __init__(self, runtime: Any, *, max_slots: int = 8, max_seq_len: int | None = None,
-                 prefill_chunk: int | None = None, step_timeout_s: float | None = None) -> None:
+class RuntimeEngineClient(EngineClient):
+    """engine: the resolved engine config (`PaletteDeploymentConfig.engine_config`); default: 8 slots of
+    the whole context."""
+
+    def __init__(self, runtime: Any, engine: EngineConfig | None = None, *,
+                 step_timeout_s: float | None = None) -> None:
         self.rt = runtime
         self.name = runtime.name
         self.task = runtime.task
         self.labels = runtime.labels
         self.max_context = runtime.max_context
-        self.max_seq_len = min(runtime.max_context, max_seq_len or runtime.max_context)
-        self.max_slots = max_slots
+        self.engine_cfg = engine or EngineConfig(max_seq_len=runtime.max_context)
+        if self.engine_cfg.max_seq_len > runtime.max_context:
+            raise ValueError(f"engine max_seq_len ({self.engine_cfg.max_seq_len}) is over the palette's context "
+                             f"of {runtime.max_context} positions")
+        self.max_seq_len = self.engine_cfg.max_seq_len
+        self.max_slots = self.engine_cfg.max_slots
         self.vocab_size = min(runtime.model.small_anchor.stats.vocab_size, runtime.model.large_anchor.stats.vocab_size)
-        self.prefill_chunk = prefill_chunk
         self.stitches = list(runtime.stitches)
         self.stitch_parts = {s.id: decode_parts(runtime.model, s.id) for s in self.stitches}
         self.eos_ids = set(runtime.eos_token_ids)
         self._token_bytes = token_bytes_fn(runtime.tokenizer)
-        self._loop = EngineLoop(self._build, thread_init=_init_thread, step_timeout_s=step_timeout_s)
+        self._loop = EngineThread(self._build, thread_init=_init_thread, step_timeout_s=step_timeout_s)
 
     @classmethod
     def load(cls, path: str, *, device: str = "cpu", dtype: str = "bfloat16", quantize: str = "none",
-             max_slots: int = 8,
-             max_seq_len: int | None = None, prefill_chunk: int | None = None,
-             step_timeout_s: float | None = None) -> "RuntimeEngine":
-        from stitchlib.runtime import PaletteRuntime
-
-        return cls(PaletteRuntime.load(path, device=device, dtype=dtype, quantize=quantize), max_slots=max_slots,
-                   max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, step_timeout_s=step_timeout_s)
+             engine: Callable[[int], EngineConfig] | None = None,
+             step_timeout_s: float | None = None) -> "RuntimeEngineClient":
+        """engine: the palette's context -> the engine config (e.g. `PaletteDeploymentConfig.engine_config`)."""
+        rt = PaletteRuntime.load(path, device=device, dtype=dtype, quantize=quantize)
+        return cls(rt, engine(rt.max_context) if engine is not None else None, step_timeout_s=step_timeout_s)
 
     def _build(self) -> Any:
         """On the engine thread, at the first generation: caches for max_slots x max_seq_len positions."""
-        from stitchlib.engine import EngineConfig
-        from stitchlib.engine.pool import engine_for_runtime
-
-        return engine_for_runtime(self.rt, EngineConfig(max_slots=self.max_slots, max_seq_len=self.max_seq_len,
-                                                        prefill_chunk=self.prefill_chunk))
+        return engine_for_runtime(self.rt, self.engine_cfg)
 
     @property
     def on_step(self) -> Callable[[StepStats], None] | None:  # type: ignore[override]

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from serving.engine import EngineError, GenerationRow, RuntimeEngine
-from serving.scheduler import EngineLoop
+from serving.engine_client import EngineError, GenerationRow, RuntimeEngineClient
+from serving.engine_thread import EngineThread
+from stitchlib.engine import EngineConfig
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,7 +57,7 @@ def test_mixed_stitches_share_steps_and_match_alone(runtime):
     steps = []
 
     async def main():
-        eng = RuntimeEngine(runtime, max_slots=4, max_seq_len=256)
+        eng = RuntimeEngineClient(runtime, EngineConfig(max_slots=4, max_seq_len=256))
         eng.on_step = steps.append
         ids = prompt(eng)
         try:
@@ -94,7 +95,7 @@ def test_chunked_prefill_reports_its_pieces_and_keeps_the_running_row_going(runt
     steps = []
 
     async def main():
-        eng = RuntimeEngine(runtime, max_slots=2, max_seq_len=256, prefill_chunk=4)
+        eng = RuntimeEngineClient(runtime, EngineConfig(max_slots=2, max_seq_len=256, prefill_chunk=4))
         eng.on_step = steps.append
         ids = prompt(eng)
         try:
@@ -126,7 +127,7 @@ def test_cancelled_stream_frees_its_slot_while_others_go_on(runtime):
     a, b, c = runtime.stitches[0].id, runtime.stitches[2].id, runtime.stitches[4].id
 
     async def main():
-        eng = RuntimeEngine(runtime, max_slots=2, max_seq_len=256)
+        eng = RuntimeEngineClient(runtime, EngineConfig(max_slots=2, max_seq_len=256))
         ids = prompt(eng)
         try:
             alone_b = await collect(eng.stream(GenerationRow("b0", ids, greedy(LONG)), b))
@@ -164,7 +165,7 @@ def test_cancelled_stream_frees_its_slot_while_others_go_on(runtime):
 
 def test_calls_run_on_the_engine_thread_between_steps_and_idle_blocks(runtime):
     async def main():
-        eng = RuntimeEngine(runtime, max_slots=2, max_seq_len=256)
+        eng = RuntimeEngineClient(runtime, EngineConfig(max_slots=2, max_seq_len=256))
         ids = prompt(eng)
         try:
             stream = eng.stream(GenerationRow("x", ids, greedy(LONG)), runtime.stitches[0].id)
@@ -189,7 +190,6 @@ def test_calls_run_on_the_engine_thread_between_steps_and_idle_blocks(runtime):
 def test_failed_step_fails_its_requests_and_the_next_engine_serves(runtime):
     """A step that raises ends every request in it with an EngineError naming the cause (no hang);
     the engine is rebuilt for the next request."""
-    from stitchlib.engine import EngineConfig
     from stitchlib.engine.pool import engine_for_runtime
 
     builds = []
@@ -213,7 +213,7 @@ def test_failed_step_fails_its_requests_and_the_next_engine_serves(runtime):
     async def main():
         from stitchlib.runtime import SamplingParams
 
-        loop = EngineLoop(make)
+        loop = EngineThread(make)
         ids = list(range(5, 25))
         sid = runtime.stitches[0].id
         try:
@@ -239,7 +239,7 @@ def test_failed_step_fails_its_requests_and_the_next_engine_serves(runtime):
 
 def test_abort_by_id_and_shutdown_end_streams_with_errors(runtime):
     async def main():
-        eng = RuntimeEngine(runtime, max_slots=2, max_seq_len=256)
+        eng = RuntimeEngineClient(runtime, EngineConfig(max_slots=2, max_seq_len=256))
         ids = prompt(eng)
         sid = runtime.stitches[0].id
         s1 = eng.stream(GenerationRow("one", ids, greedy(LONG)), sid)

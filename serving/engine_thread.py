@@ -1,4 +1,5 @@
-"""Continuous batching for one replica: ONE `stitchlib.engine.StitchEngine`, driven by ONE thread.
+"""The engine thread: ONE `stitchlib.engine.StitchEngine` per replica, driven by ONE thread (continuous
+batching across requests).
 
 Requests on any stitch join the engine between steps and leave it when they finish or are aborted;
 one engine step decodes every running row whatever its stitch (a decoder block runs once for all
@@ -40,7 +41,7 @@ from typing import Any
 
 log = logging.getLogger("ray.serve")
 
-__all__ = ["EngineError", "EngineLoop", "EngineStuck", "GenerationStream", "StepStats"]
+__all__ = ["EngineError", "EngineThread", "EngineStuck", "GenerationStream", "StepStats"]
 
 
 class EngineError(RuntimeError):
@@ -87,7 +88,7 @@ class GenerationStream:
     raises `EngineError` if the engine failed or aborted it. Cancelling the consumer while it waits,
     or calling `close()`, aborts the request in the engine at the next step boundary."""
 
-    def __init__(self, owner: "EngineLoop", seq: _Seq) -> None:
+    def __init__(self, owner: "EngineThread", seq: _Seq) -> None:
         self._owner = owner
         self._seq = seq
         self.finish_reason: str | None = None
@@ -137,12 +138,12 @@ class GenerationStream:
         self._owner._close(self._seq)
 
 
-class EngineLoop:
+class EngineThread:
     """The engine thread and its inbox. See the module docstring.
 
     make_engine: builds the engine on the thread (lazily, at the first request, and again after a
     failed step). It must offer StitchEngine's `add_request`, `step`, `abort`, `has_unfinished`,
-    `rows`, `waiting`, `requests` and `last_finished`."""
+    `rows`, `waiting`, `prefilling` and `requests`; `step` returns a `stitchlib.engine.StepOutput`."""
 
     def __init__(self, make_engine: Callable[[], Any], *, on_step: Callable[[StepStats], None] | None = None,
                  thread_init: Callable[[], None] | None = None, name: str = "stitch-engine",
@@ -392,19 +393,17 @@ class EngineLoop:
             self._recover(stuck)
             return
         seconds = time.perf_counter() - t0
-        finished = dict(eng.last_finished)
-        decode = dict(eng.last_decoded)
-        admitted = sum(rid in first for rid in out)
+        finished, decode = out.finished, out.decoded
+        admitted = sum(rid in first for rid in out.tokens)
         self._publish_load()
-        stats = StepStats(seconds, decode, dict(eng.last_prefill), admitted, len(finished), self.running,
-                          self.waiting)
+        stats = StepStats(seconds, decode, out.prefilled, admitted, len(finished), self.running, self.waiting)
         c = self.counters
         self.counters = {**c, "steps": c["steps"] + 1, "mixed_steps": c["mixed_steps"] + (len(decode) > 1),
                          "max_stitches_per_step": max(c["max_stitches_per_step"], len(decode)),
                          "max_rows_per_step": max(c["max_rows_per_step"], sum(decode.values()))}
         groups: dict[asyncio.AbstractEventLoop, list] = {}
-        lps, prompt_lps = eng.last_logprobs, eng.last_prompt_logprobs
-        for rid, tok in out.items():
+        lps, prompt_lps = out.logprobs, out.prompt_logprobs
+        for rid, tok in out.tokens.items():
             seq = self._by_rid[rid]
             fin = finished.get(rid)
             if fin is not None:

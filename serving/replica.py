@@ -1,16 +1,18 @@
-"""The palette deployment: one replica = one anchor pair with one palette merged.
+"""The palette replica (one Serve deployment per palette): one replica = one anchor pair with one palette
+merged.
 
 At start-up it loads the runtime, profiles every deployed stitch on this replica's hardware and builds
-a `LatencyTracker`; per request it tokenizes, checks limits, routes by budget (`router.select_stitch`
+a `LatencyTracker`; per request it tokenizes, checks limits, routes by budget (`stitch_router.select_stitch`
 over the tracker's load-aware estimates), then streams from the replica's ONE engine
-(`engine.RuntimeEngine`): generation is continuously batched across requests and stitches (one engine
+(`engine_client.RuntimeEngineClient`, over the
+`engine_thread`): generation is continuously batched across requests and stitches (one engine
 step decodes every running row, requests join and leave between steps), and every step's timing feeds
 the tracker. Classification is one forward per batch: it keeps a `@serve.batch` queue per stitch, and
 its batches run on the engine thread between steps.
 
-Everything the replica answers is a plain dict: either an error value `{"type": "error", ...}` (the
-ingress maps it to an HTTP status) or route / delta / final items. `build_app` in `app.py` turns this
-plain class into a Serve deployment.
+Everything the replica answers is a pydantic item (`items.py`): route / delta / final items, a
+classification, a protocol model, or a `ServingError` value (the HTTP layer maps it to a status).
+Budgets arrive parsed. `build_app` in `app.py` turns this plain class into a Serve deployment.
 """
 from __future__ import annotations
 
@@ -23,24 +25,22 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from .budget import Budget, BudgetError, try_parse_budget
+from stitchlib.types import SamplingParams
+
+from .budget import Budget, parse_budget
 from .config import PaletteDeploymentConfig
-from .engine import EngineClient, EngineError, EngineStuck, GenerationRow, RuntimeEngine, StepStats
+from .engine_client import EngineClient, EngineError, EngineStuck, GenerationRow, RuntimeEngineClient, StepStats
+from .items import (ClassifyInput, ClassifyOutput, DeltaItem, FinalItem, GenerateInput, GenerateItem, ReplicaReady,
+                    RouteItem, ServingError)
 from .latency import LatencyTracker
 from .logprobs import make_entry
 from .metrics import (EngineStepStats, RayServeStatLogger, RequestStats, SchedulerStats, StatLogger,
                       StitchLatencyStats)
-from .protocol import ClassifyInput, GenerateInput, StitchCard, StitchStatus
-from .router import NoStitchFits, RouteDecision, StitchCandidate, select_stitch
+from .protocol import (ClassifyResult, DetokenizeResponse, ModelCard, StitchCard, StitchStatus, TokenizeResponse,
+                       TokenizerInfo, UsageInfo)
+from .stitch_router import NoStitchFits, RouteDecision, StitchCandidate, select_stitch
 
 log = logging.getLogger("ray.serve")
-
-
-def error_value(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """The error-as-value every layer below the HTTP router returns."""
-    return {"type": "error", "status": status, "message": message, "error_type": type, "param": param,
-            "headers": headers or {}}
 
 
 class IncrementalDetokenizer:
@@ -103,18 +103,16 @@ class _ClsRow:
     tokens: int
 
 
-class PaletteServer:
+class PaletteReplica:
     """Plain class; `app.build_app` wraps it with `serve.deployment(...).options(name=...)`."""
 
     async def __init__(self, config: dict[str, Any], stat_logger: StatLogger | None = None) -> None:
         self.cfg = PaletteDeploymentConfig.model_validate(config)
         t0 = time.perf_counter()
-        self.engine: EngineClient = RuntimeEngine.load(str(self.cfg.path), device=self.cfg.device,
-                                                       dtype=self.cfg.dtype, quantize=self.cfg.quantize,
-                                                       max_slots=self.cfg.max_batch_size,
-                                                       max_seq_len=self.cfg.slot_positions,
-                                                       prefill_chunk=self.cfg.prefill_chunk,
-                                                       step_timeout_s=self.cfg.step_timeout_s)
+        self.engine: EngineClient = RuntimeEngineClient.load(str(self.cfg.path), device=self.cfg.device,
+                                                             dtype=self.cfg.dtype, quantize=self.cfg.quantize,
+                                                             engine=self.cfg.engine_config,
+                                                             step_timeout_s=self.cfg.step_timeout_s)
         self.model = self.cfg.name or self.engine.name
         self.task = self.engine.task
         self.stitch_info = {s.id: s for s in self.engine.stitches}
@@ -134,7 +132,7 @@ class PaletteServer:
             max_slots=self.cfg.max_batch_size, parts=self.engine.stitch_parts, alpha=self.cfg.ewma_alpha,
             default_output_tokens=self.cfg.default_max_tokens, prefill_chunk=self.cfg.prefill_chunk)
         self.metrics = stat_logger or RayServeStatLogger()
-        self.default_budget = try_parse_budget(self.cfg.default_budget) if self.cfg.default_budget else Budget()
+        self.default_budget = parse_budget(self.cfg.default_budget) if self.cfg.default_budget else Budget()
         # one classification batch at a time: they all run on the one engine thread anyway
         batch = dict(max_batch_size=self.cfg.max_batch_size, batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
                      max_concurrent_batches=1)
@@ -156,8 +154,6 @@ class PaletteServer:
     async def _warm_up(self) -> None:
         """One short generation before taking traffic: the engine is built (caches, graphs) on first
         use, which should not land on the first request or on the EWMA."""
-        from stitchlib.runtime import SamplingParams
-
         row = GenerationRow("warm-up", self.engine.encode("warm up")[:8] or [0],
                             SamplingParams(max_tokens=2, temperature=0.0))
         stream = self.engine.stream(row, self.engine.stitches[0].id)
@@ -196,11 +192,6 @@ class PaletteServer:
             self._record_scheduler()
 
     # ---- routing ----------------------------------------------------------------------------------
-    def _budget(self, text: str | None) -> Budget | BudgetError:
-        if text is None or not text.strip():
-            return self.default_budget
-        return try_parse_budget(text)
-
     def _margins(self) -> tuple[float, float]:
         """(per-token, whole-request) realized margins the router prices latency with (1, 1 when off)."""
         q = self.cfg.budget_quantile if self.task == "chat" else None
@@ -216,24 +207,24 @@ class PaletteServer:
                                        est.request_s * margins[1]))
         return out
 
-    def _route(self, budget_text: str | None, strict: bool, *, prompt_tokens: int, max_tokens: int,
-               rows: int = 1, pin: str | None = None) -> tuple[RouteDecision, Budget] | dict[str, Any]:
-        """Best stitch for the budget; with `pin` (X-Stitch-Id) that stitch, still checked against the
-        budget (X-Budget-Met, or 422 under a strict policy)."""
-        budget = self._budget(budget_text)
-        if isinstance(budget, BudgetError):
-            return error_value(400, str(budget), param="X-Compute-Budget")
+    def _route(self, budget: Budget | None, strict: bool, *, prompt_tokens: int, max_tokens: int,
+               rows: int = 1, pin: str | None = None) -> tuple[RouteDecision, Budget] | ServingError:
+        """Best stitch for the budget (None: the palette's default, parsed once at start-up); with `pin`
+        (X-Stitch-Id) that stitch, still checked against the budget (X-Budget-Met, or 422 under a
+        strict policy)."""
+        if budget is None:
+            budget = self.default_budget
         self._route_margins = margins = self._margins()
         cands = self._candidates(prompt_tokens=prompt_tokens, max_tokens=max_tokens, rows=rows, margins=margins)
         if pin is not None:
             cands = [c for c in cands if c.id == pin]
             if not cands:
-                return error_value(404, f"X-Stitch-Id {pin!r} is not a deployed stitch of model {self.model!r}; "
+                return ServingError(404, f"X-Stitch-Id {pin!r} is not a deployed stitch of model {self.model!r}; "
                                         f"deployed: {', '.join(self.stitch_info)}", type="stitch_not_found",
                                    param="X-Stitch-Id")
         decision = select_stitch(cands, budget, strict=strict, percent_basis=self.cfg.percent_basis)
         if isinstance(decision, NoStitchFits):
-            return error_value(422, decision.message, type="budget_not_met", param="X-Compute-Budget",
+            return ServingError(422, decision.message, type="budget_not_met", param="X-Compute-Budget",
                                headers={"X-Budget-Met": "false"})
         return decision, budget
 
@@ -245,12 +236,12 @@ class PaletteServer:
                           budget=budget.to_header() or None, budget_met=d.budget_met, violated=list(d.violated),
                           replica=self.replica)
 
-    def _admit(self) -> dict[str, Any] | None:
+    def _admit(self) -> ServingError | None:
         if self._draining:
-            return error_value(503, "replica is shutting down", type="unavailable",
+            return ServingError(503, "replica is shutting down", type="unavailable",
                                headers={"Retry-After": str(self.cfg.retry_after_s)})
         if len(self._live) >= self.cfg.max_inflight:
-            return error_value(503, f"queue full ({self.cfg.max_inflight} requests in flight on this replica)",
+            return ServingError(503, f"queue full ({self.cfg.max_inflight} requests in flight on this replica)",
                                type="queue_full", headers={"Retry-After": str(self.cfg.retry_after_s)})
         return None
 
@@ -259,8 +250,9 @@ class PaletteServer:
         return min(self.cfg.max_prompt_tokens or self.engine.max_context, self.engine.max_seq_len - 1)
 
     # ---- generation -------------------------------------------------------------------------------
-    async def generate(self, inp: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream: one `route` item (or one error value), then `delta` items, then one `final` item."""
+    async def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateItem]:
+        """Stream: one `RouteItem` (or one `ServingError`), then `DeltaItem`s, then one `FinalItem` (or a
+        `ServingError` when the engine fails the request)."""
         req = GenerateInput.model_validate(inp)
         t_arrival = time.perf_counter()
         text = req.prompt
@@ -269,26 +261,26 @@ class PaletteServer:
                 text = self.engine.render_chat(req.messages)
             ids = list(req.prompt_ids) if req.prompt_ids is not None else self.engine.encode(text or "")
         except Exception as e:  # a template the messages do not fit
-            yield error_value(400, f"cannot build the prompt: {e}", param="messages")
+            yield ServingError(400, f"cannot build the prompt: {e}", param="messages")
             return
         if not ids:
-            yield error_value(400, "the prompt is empty", param="prompt")
+            yield ServingError(400, "the prompt is empty", param="prompt")
             return
         if any(not 0 <= t < self.engine.vocab_size for t in ids):
-            yield error_value(400, f"prompt token ids must lie in [0, {self.engine.vocab_size})", param="prompt")
+            yield ServingError(400, f"prompt token ids must lie in [0, {self.engine.vocab_size})", param="prompt")
             return
         if len(ids) > self.prompt_limit:
-            yield error_value(400, f"the prompt has {len(ids)} tokens, over this model's limit of "
+            yield ServingError(400, f"the prompt has {len(ids)} tokens, over this model's limit of "
                                    f"{self.prompt_limit}", type="context_length_exceeded", param="messages")
             return
         room = self.engine.max_seq_len - len(ids)
         if req.max_tokens is not None:
             if req.max_tokens > self.cfg.max_tokens_limit:
-                yield error_value(400, f"max_tokens {req.max_tokens} is over the limit of "
+                yield ServingError(400, f"max_tokens {req.max_tokens} is over the limit of "
                                        f"{self.cfg.max_tokens_limit}", param="max_tokens")
                 return
             if req.max_tokens > room:
-                yield error_value(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                yield ServingError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
                                        f"context of {self.engine.max_seq_len}",
                                   type="context_length_exceeded", param="max_tokens")
                 return
@@ -299,7 +291,7 @@ class PaletteServer:
             yield err
             return
         routed = self._route(req.budget, req.strict, prompt_tokens=len(ids), max_tokens=max_tokens, pin=req.stitch)
-        if isinstance(routed, dict):
+        if isinstance(routed, ServingError):
             yield routed
             return
         decision, budget = routed
@@ -308,9 +300,7 @@ class PaletteServer:
         # the bare estimates (without the realized margin): what the margin's ratios compare against
         m_tok, m_req = self._route_margins
         est_token_s, est_request_s = decision.stitch.token_latency_s / m_tok, decision.stitch.request_latency_s / m_req
-        yield {"type": "route", "stitch": card.model_dump(mode="json"), "prompt_tokens": len(ids)}
-
-        from stitchlib.runtime import SamplingParams
+        yield RouteItem(stitch=card, prompt_tokens=len(ids))
 
         want_lp = req.logprobs is not None
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -328,7 +318,7 @@ class PaletteServer:
         except EngineError as e:
             self._live.pop(row.request_id, None)
             self.tracker.end(sid)
-            yield error_value(503, f"cannot generate now: {e}", type="unavailable",
+            yield ServingError(503, f"cannot generate now: {e}", type="unavailable",
                               headers={"Retry-After": str(self.cfg.retry_after_s)})
             return
         self._record_scheduler()
@@ -344,10 +334,8 @@ class PaletteServer:
         entries: list[dict[str, Any]] = []
         base = 0  # where the output starts in the choice's text (after the echoed prompt)
 
-        def delta_item() -> dict[str, Any]:
-            item = {"type": "delta", "text": "".join(pending)}
-            if want_lp:
-                item["logprobs"] = list(entries)
+        def delta_item() -> DeltaItem:
+            item = DeltaItem(text="".join(pending), logprobs=list(entries) if want_lp else None)
             pending.clear()
             entries.clear()
             return item
@@ -390,16 +378,15 @@ class PaletteServer:
                     predicted_token_s=est_token_s if n_out >= 2 else None,
                     observed_token_s=(t_prev - t_first) / (n_out - 1) if n_out >= 2 else None,
                     predicted_request_s=est_request_s, observed_request_s=t_prev - t_arrival)
-            yield {"type": "final", "finish_reason": finish,
-                   "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out,
-                             "total_tokens": len(ids) + n_out}}
+            yield FinalItem(finish_reason=finish, usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=n_out,
+                                                                   total_tokens=len(ids) + n_out))
         except EngineStuck as e:  # the watchdog gave up on a step: not this request's fault, retry
             log.warning("generation %s failed: %s", req.request_id, e)
-            yield error_value(503, f"generation failed: {e}", type="unavailable",
+            yield ServingError(503, f"generation failed: {e}", type="unavailable",
                               headers={"Retry-After": str(self.cfg.retry_after_s)})
         except EngineError as e:  # the engine failed or aborted this request: an error value, not a hang
             log.warning("generation %s failed: %s", req.request_id, e)
-            yield error_value(500, f"generation failed: {e}", type="internal_error")
+            yield ServingError(500, f"generation failed: {e}", type="internal_error")
         finally:
             # stop string, disconnect or timeout: the row leaves the engine at the next step boundary
             stream.close()
@@ -428,25 +415,25 @@ class PaletteServer:
         cls_batch.__name__ = f"classify_{sid}"
         return cls_batch
 
-    async def classify(self, inp: dict[str, Any]) -> dict[str, Any]:
+    async def classify(self, inp: ClassifyInput) -> ClassifyOutput | ServingError:
         req = ClassifyInput.model_validate(inp)
         t_arrival = time.perf_counter()
         if self.task != "classify":
-            return error_value(400, f"model {self.model!r} is a {self.task} model; use /v1/chat/completions",
+            return ServingError(400, f"model {self.model!r} is a {self.task} model; use /v1/chat/completions",
                                param="model")
         try:
             lens = [len(self.engine.encode(t)) for t in req.texts]
         except Exception as e:  # text the tokenizer cannot take (e.g. lone surrogates)
-            return error_value(400, f"cannot tokenize the input: {type(e).__name__}: {e}", param="input")
+            return ServingError(400, f"cannot tokenize the input: {type(e).__name__}: {e}", param="input")
         too_long = [i for i, n in enumerate(lens) if n > self.prompt_limit]
         if too_long:
-            return error_value(400, f"input {too_long[0]} has {lens[too_long[0]]} tokens, over this model's limit "
+            return ServingError(400, f"input {too_long[0]} has {lens[too_long[0]]} tokens, over this model's limit "
                                     f"of {self.prompt_limit}", type="context_length_exceeded", param="input")
         if (err := self._admit()) is not None:
             return err
         routed = self._route(req.budget, req.strict, prompt_tokens=max(lens), max_tokens=1, rows=len(req.texts),
                              pin=req.stitch)
-        if isinstance(routed, dict):
+        if isinstance(routed, ServingError):
             return routed
         decision, budget = routed
         sid = decision.stitch_id
@@ -465,36 +452,36 @@ class PaletteServer:
             self._record_latency(sid)
         e2e = time.perf_counter() - t_arrival
         self.metrics.record_request(RequestStats(self.model, sid, sum(lens), 0, e2e))
-        results = [{"index": i, "label": max(p, key=p.get), "probs": p} for i, p in enumerate(probs)]
-        return {"type": "classify", "stitch": self._card(decision, budget).model_dump(mode="json"),
-                "results": results, "prompt_tokens": sum(lens)}
+        results = [ClassifyResult(index=i, label=max(p, key=p.get), probs=p) for i, p in enumerate(probs)]
+        return ClassifyOutput(stitch=self._card(decision, budget), results=results, prompt_tokens=sum(lens))
 
     # ---- introspection ----------------------------------------------------------------------------
     # ---- tokenizer ---------------------------------------------------------------------------------
     async def tokenize(self, prompt: str | None, messages: list[dict[str, str]] | None,
-                       add_special_tokens: bool = False, add_generation_prompt: bool = True) -> dict[str, Any]:
+                       add_special_tokens: bool = False,
+                       add_generation_prompt: bool = True) -> TokenizeResponse | ServingError:
         try:
             if messages is not None:
                 prompt = self.engine.render_chat(messages, add_generation_prompt=add_generation_prompt)
             ids = self.engine.encode(prompt or "", add_special_tokens=add_special_tokens)
         except Exception as e:  # text the tokenizer cannot take (e.g. lone surrogates), a template misfit
-            return error_value(400, f"cannot tokenize: {type(e).__name__}: {e}",
+            return ServingError(400, f"cannot tokenize: {type(e).__name__}: {e}",
                                param="messages" if messages is not None else "prompt")
-        return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids}
+        return TokenizeResponse(count=len(ids), max_model_len=self.engine.max_seq_len, tokens=ids)
 
-    async def detokenize(self, tokens: list[int]) -> dict[str, Any]:
+    async def detokenize(self, tokens: list[int]) -> DetokenizeResponse | ServingError:
         if any(not 0 <= t < self.engine.vocab_size for t in tokens):
-            return error_value(400, f"token ids must lie in [0, {self.engine.vocab_size})", param="tokens")
-        return {"prompt": self.engine.decode(tokens)}
+            return ServingError(400, f"token ids must lie in [0, {self.engine.vocab_size})", param="tokens")
+        return DetokenizeResponse(prompt=self.engine.decode(tokens))
 
-    async def tokenizer_info(self) -> dict[str, Any]:
-        return {"model": self.model, **self.engine.tokenizer_info()}
+    async def tokenizer_info(self) -> TokenizerInfo:
+        return TokenizerInfo(model=self.model, **self.engine.tokenizer_info())
 
-    async def info(self) -> dict[str, Any]:
-        return {"model": self.model, "task": self.task, "labels": self.engine.labels,
-                "max_context": self.engine.max_context, "stitches": len(self.stitch_info), "replica": self.replica}
+    async def info(self) -> ModelCard:
+        return ModelCard(id=self.model, task=self.task, labels=self.engine.labels,
+                         max_context=self.engine.max_context, stitches=len(self.stitch_info))
 
-    async def stitches(self) -> list[dict[str, Any]]:
+    async def stitches(self) -> list[StitchStatus]:
         out = []
         for s in self.engine.stitches:
             p = self.profiles[s.id]
@@ -504,18 +491,18 @@ class PaletteServer:
                 bytes=s.bytes, quality=s.quality, metrics=s.metrics, prefill_s_per_token=p.prefill_s_per_token,
                 decode_step_s=p.decode_step_s, correction=self.tracker.correction(s.id),
                 latency_ms=est.token_s * 1e3, active_requests=self.tracker.active[s.id],
-                replica=self.replica).model_dump(mode="json"))
+                replica=self.replica))
         return out
 
-    async def ready(self) -> dict[str, Any]:
+    async def ready(self) -> ReplicaReady:
         running, waiting = self.engine.occupancy()
-        return {"model": self.model, "ready": not self._draining and self.engine.stuck is None,
-                "replica": self.replica, "pid": os.getpid(),
-                "inflight": len(self._live), "latency_profile": self.profile_source,
-                "budget_margins": dict(zip(("token", "request"), self._margins()),
-                                       samples=self.tracker.realized_count("token")),
-                "engine": {"slots": self.cfg.max_batch_size, "running": sum(running.values()),
-                           "waiting": sum(waiting.values()), **self.engine.counters()}}
+        return ReplicaReady(model=self.model, ready=not self._draining and self.engine.stuck is None,
+                            replica=self.replica, pid=os.getpid(), inflight=len(self._live),
+                            latency_profile=self.profile_source,
+                            budget_margins=dict(zip(("token", "request"), self._margins()),
+                                                samples=self.tracker.realized_count("token")),
+                            engine={"slots": self.cfg.max_batch_size, "running": sum(running.values()),
+                                    "waiting": sum(waiting.values()), **self.engine.counters()})
 
     async def check_health(self) -> None:
         """Serve's periodic health check: the engine thread must answer."""
