@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from .model import StitchedLM, causal_mask, positions
+from .model import KVCache, StitchedLM, causal_mask, positions, shared_prefix_len
 
 
 Weighting = Literal["none", "relative"]
@@ -66,32 +66,31 @@ def calibrate_(model: StitchedLM, batches: Iterable[tuple[torch.Tensor, ...]], *
     keep_x, keep_y = set(splits), set(joins)
     n_tokens = 0
     S, L = model.S, model.L
-    for batch in tqdm(batches, total=total, desc="calibrating stitching layers", disable=not progress,
-                      unit="batch"):
-        ids, attn = batch[0], batch[1]
-        mask, pos = causal_mask(attn, ids.shape[1]), positions(attn, ids.shape[1])
-        real = attn.bool()
-        if skip_first:
-            real = real & (pos > 0)
-        real = real.reshape(-1)
+
+    def activations(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, real: torch.Tensor,
+                    kv: tuple[KVCache, KVCache] | None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Small outputs at every split ([N, dS+1] with the ones column) and large inputs at every join
+        ([N, dL]) of the real tokens of `ids`, float32; kv: the caches to attend over and extend."""
         model.route.slots = None
         xs: dict[int, torch.Tensor] = {}
         h = S.anchor.embed(ids)
-        pe = S.rope(h, pos)
-        for i, h in S.blocks(h, range(max(splits) + 1), mask=mask, position_ids=pos, position_embeddings=pe):
+        for i, h in S.blocks(h, range(max(splits) + 1), mask=mask, position_ids=pos, cache=kv[0] if kv else None):
             if i in keep_x:
                 x = h.reshape(-1, dS)[real].float()
                 xs[i] = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
         ys: dict[int, torch.Tensor] = {}
         h = L.anchor.embed(ids)
-        pe = L.rope(h, pos)
         if 0 in keep_y:  # large's input of block i is the output of block i - 1
             ys[0] = h.reshape(-1, model.d_large)[real].float()
-        for i, h in L.blocks(h, range(max(joins)), mask=mask, position_ids=pos, position_embeddings=pe):
+        for i, h in L.blocks(h, range(max(joins)), mask=mask, position_ids=pos, cache=kv[1] if kv else None):
             if i + 1 in keep_y:
                 ys[i + 1] = h.reshape(-1, model.d_large)[real].float()
+        return xs, ys
+
+    def accumulate(xs: dict[int, torch.Tensor], ys: dict[int, torch.Tensor], times: int) -> None:
+        """Add these tokens' normal equations, each token counted `times` times."""
         if per_stitch:
-            weights = {k: 1.0 / ys[k].pow(2).mean(-1, keepdim=True).clamp_min(1e-12) for k in joins}  # [N, 1]
+            weights = {k: times / ys[k].pow(2).mean(-1, keepdim=True).clamp_min(1e-12) for k in joins}  # [N, 1]
             for s in stitches:
                 xw = xs[s.split] * weights[s.join]
                 gram[s.id] += (xw.T @ xs[s.split]).double().cpu()
@@ -99,10 +98,32 @@ def calibrate_(model: StitchedLM, batches: Iterable[tuple[torch.Tensor, ...]], *
                 yy[s.id] += float((ys[s.join].double() ** 2 * weights[s.join].double()).sum())
         else:
             for j in splits:
-                gram[j] += (xs[j].T @ xs[j]).double().cpu()
+                gram[j] += times * (xs[j].T @ xs[j]).double().cpu()
             for s in stitches:
-                cross[s.id] += (xs[s.split].T @ ys[s.join]).double().cpu()
-                yy[s.id] += float((ys[s.join].double() ** 2).sum())
+                cross[s.id] += times * (xs[s.split].T @ ys[s.join]).double().cpu()
+                yy[s.id] += times * float((ys[s.join].double() ** 2).sum())
+
+    for batch in tqdm(batches, total=total, desc="calibrating stitching layers", disable=not progress,
+                      unit="batch"):
+        ids, attn = batch[0], batch[1]
+        B, T = ids.shape
+        # Tokens every row shares (the chat template's header, ~a quarter of a short chat example) are
+        # run once on one row and counted B times; the rest of the batch attends to their KV.
+        P = shared_prefix_len(ids, attn)
+        kv = None
+        if P:
+            kv = (KVCache(), KVCache())
+            pmask, ppos = causal_mask(attn[:1, :P], P), positions(attn[:1, :P], P)
+            preal = ppos[0] > 0 if skip_first else torch.ones(P, dtype=torch.bool, device=ids.device)
+            accumulate(*activations(ids[:1, :P], pmask, ppos, preal, kv), times=B)
+            n_tokens += B * int(preal.sum())
+            kv = (kv[0].expanded(B), kv[1].expanded(B))
+        mask, pos = causal_mask(attn, T - P), positions(attn, T - P)
+        real = attn[:, P:].bool()
+        if skip_first:
+            real = real & (pos > 0)
+        real = real.reshape(-1)
+        accumulate(*activations(ids[:, P:], mask, pos, real, kv), times=1)
         n_tokens += int(real.sum())
     if n_tokens == 0:
         raise ValueError("calibration saw no real tokens")

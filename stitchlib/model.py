@@ -39,6 +39,14 @@ class KVCache:
         self.k[layer_idx], self.v[layer_idx] = k, v
         return k, v
 
+    def expanded(self, batch: int) -> "KVCache":
+        """A new cache whose every entry is this one's single row repeated `batch` times: the KV of a
+        prefix all rows share, computed once. Views, so nothing is copied until a layer appends."""
+        c = KVCache()
+        c.k = {i: k.expand(batch, -1, -1, -1) for i, k in self.k.items()}
+        c.v = {i: v.expand(batch, -1, -1, -1) for i, v in self.v.items()}
+        return c
+
 
 @dataclass
 class StitchCache:
@@ -47,6 +55,11 @@ class StitchCache:
     small: KVCache = field(default_factory=KVCache)
     large: KVCache = field(default_factory=KVCache)
     mask: torch.Tensor | None = None  # [B, P] 1 = real token
+
+    def expanded(self, batch: int) -> "StitchCache":
+        """This one-row cache repeated for `batch` rows (see KVCache.expanded)."""
+        return StitchCache(self.small.expanded(batch), self.large.expanded(batch),
+                           None if self.mask is None else self.mask.expand(batch, -1))
 
 
 def causal_mask(full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -64,6 +77,27 @@ def causal_mask(full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
 def positions(full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Position ids that skip left padding (as HF generate does): [B, T]."""
     return (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+
+
+def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor | None = None) -> int:
+    """How many leading tokens every row of a right-padded batch shares: a chat template's system
+    header is ~a quarter of a short chat example, and a prefix all rows share needs computing once,
+    not once per row (`KVCache.expanded`). Capped so that every row keeps at least one token after it
+    and, with `labels` (HF style: position t predicts labels[t + 1]), so that no labelled prediction
+    comes from inside it. 0 for a single row, left padding, or nothing shared."""
+    B, T = input_ids.shape
+    if B < 2 or T < 2:
+        return 0
+    real = attention_mask.bool()
+    same = (input_ids == input_ids[:1]).all(0) & real.all(0)  # [T]
+    n = T if bool(same.all()) else int((~same).nonzero()[0])
+    n = min(n, int(real.sum(1).min()) - 1)
+    if labels is not None:
+        lab = (labels[:, 1:] != -100).any(0).nonzero()  # hidden positions that predict a label
+        if len(lab):
+            n = min(n, int(lab[0]))
+    return max(n, 0)
 
 
 def call_block(layer: nn.Module, h: torch.Tensor, *, mask: torch.Tensor, position_ids: torch.Tensor,

@@ -322,7 +322,9 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
     if task == "chat" and calibration_texts is None:
         calib, val_examples = chat_calibration_split(list(chat_data), n_calibration=n_calibration,
                                                      n_validation=n_validation, seed=seed)
-        recs = D.encode_chat(calib, tok, max_len)
+        # by length: the fit is a sum over tokens, so order is free, and like lengths together leave
+        # ~1% padding instead of ~44% (the forward passes are most of calibration's time)
+        recs = sorted(D.encode_chat(calib, tok, max_len), key=lambda r: len(r["input_ids"]))
         batches = [(b["input_ids"], b["attention_mask"]) for b in D.batched(recs, D.pad_token_id(tok), bs)]
         calibration = {"data": list(chat_data), "template": "chat", "sequences": len(recs)}
     else:

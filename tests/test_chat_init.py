@@ -26,9 +26,11 @@ def chat_file(tmp_path_factory):
     return p
 
 
-def _batch(seed=0, B=3, T=12):
+def _batch(seed=0, B=3, T=12, shared=0):
+    """Random rows, the first `shared` tokens the same in every row (a chat template's header)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 100, (B, T), generator=g)
+    ids[:, :shared] = ids[:1, :shared]
     attn = torch.ones_like(ids)
     attn[1, 9:] = 0  # right padding on one row
     labels = ids.clone()
@@ -38,16 +40,18 @@ def _batch(seed=0, B=3, T=12):
 
 
 # ---- stitchlib.quality ---------------------------------------------------------------------------
-@pytest.mark.parametrize("ssb", [False, True], ids=["shared-prefix", "per-route"])
-def test_route_nll_equals_the_reference_forward(tiny_model, ssb):
-    """Both paths (shared small prefix; per-route when small blocks carry stitch-specific biases) give
-    the loss of StitchedLM.forward for every route, over two batches, token-weighted."""
+@pytest.mark.parametrize("shared", [0, 4], ids=["rows-differ", "rows-share-4-tokens"])
+@pytest.mark.parametrize("ssb", [False, True], ids=["shared-small-blocks", "per-route"])
+def test_route_nll_equals_the_reference_forward(tiny_model, ssb, shared):
+    """Both paths (shared small blocks; per-route when small blocks carry stitch-specific biases), with
+    and without a token prefix all rows share (run once, its KV reused by every row), give the loss of
+    StitchedLM.forward for every route, over two batches, token-weighted."""
     m = tiny_model().eval()
     if ssb:
         with torch.no_grad():
             for p in m.pst_small:
                 p.ssb.normal_(std=0.5)
-    batches = [_batch(0), _batch(1, B=2, T=9)]
+    batches = [_batch(0, shared=shared), _batch(1, B=2, T=9, shared=shared)]
     res = route_nll(m, batches)
     assert set(res) == {s.id for s in m.stitches}
     with torch.no_grad():
@@ -72,6 +76,25 @@ def test_chat_eval_batches_label_only_the_response(tiny_pair, chat_file):
             lab = labels[row][attn[row].bool()]
             first = int((lab != -100).nonzero()[0])
             assert (lab[:first] == -100).all() and (lab[first:] != -100).all()  # prompt, then response
+
+
+def test_shared_prefix_len_caps():
+    """The shared prefix stops where rows differ, keeps a token after it in every row, never covers a
+    labelled prediction, and is 0 for one row or left padding."""
+    from stitchlib.model import shared_prefix_len
+
+    ids, attn, labels = _batch(0, shared=4)
+    assert shared_prefix_len(ids, attn) == 4
+    assert shared_prefix_len(ids, attn, labels) == 4  # labels from position 5: hidden 4 predicts the first
+    labels[:, 3] = ids[:, 3]
+    assert shared_prefix_len(ids, attn, labels) == 2  # hidden 2 predicts label 3
+    same = ids[:1].expand(3, -1).clone()
+    assert shared_prefix_len(same, torch.ones_like(same)) == 11  # one token left per row
+    assert shared_prefix_len(same, attn) == 8  # row 1 has 9 real tokens
+    assert shared_prefix_len(ids[:1], attn[:1]) == 0
+    left = torch.ones_like(same)
+    left[0, 0] = 0
+    assert shared_prefix_len(same, left) == 0
 
 
 # ---- stitchlib.calibrate -------------------------------------------------------------------------
@@ -106,6 +129,27 @@ def test_relative_weighting_is_weighted_least_squares(tiny_model):
     assert not torch.allclose(w0, a[:-1].T, atol=1e-3)
     with pytest.raises(ValueError, match="weighting"):
         calibrate_(m, [(ids, attn)], progress=False, weighting="bogus")
+
+
+@pytest.mark.parametrize("weighting", ["none", "relative"])
+def test_calibration_runs_a_shared_prefix_once_and_counts_it_per_row(tiny_model, weighting):
+    """A prefix every row shares is run once and counted once per row: the same fit and residuals as
+    the same rows calibrated one per batch (where there is nothing to share)."""
+    from stitchlib.model import shared_prefix_len
+
+    ids, attn, _ = _batch(5, B=6, T=40, shared=10)
+    assert shared_prefix_len(ids, attn) == 8  # row 1 has 9 real tokens: one is left after the prefix
+    fits = []
+    for batches in ([(ids, attn)], [(ids[i:i + 1], attn[i:i + 1]) for i in range(6)]):
+        m = tiny_model().eval()
+        res = calibrate_(m, batches, progress=False, weighting=weighting)
+        with torch.no_grad():  # each stitch's map applied to a fixed input (its weights themselves are
+            x = torch.randn(32, m.d_small, generator=torch.Generator().manual_seed(0))  # ill-conditioned)
+            fits.append((res, {k: v(x) for k, v in m.stitching.items()}))
+    (res, got), (res1, want) = fits
+    for k, y in got.items():
+        torch.testing.assert_close(y, want[k], atol=1e-3 * float(want[k].abs().max()), rtol=1e-3)
+        assert res[k] == pytest.approx(res1[k], rel=1e-4, abs=1e-6)
 
 
 def test_distillation_lowers_kl_and_never_makes_a_stitch_worse(tiny_model):
@@ -163,6 +207,7 @@ def test_init_palette_calibrates_on_the_chat_template_and_gates(tmp_path, tiny_m
     recs = D.encode_chat(calib, tok, 128)
     start = tok.convert_tokens_to_ids("<|im_start|>")
     assert all(r["input_ids"][0] == start for r in recs)  # rendered with the chat template, as served
+    recs = sorted(recs, key=lambda r: len(r["input_ids"]))  # init_palette batches like lengths together
     b = D.collate(recs[:8], D.pad_token_id(tok)), D.collate(recs[8:], D.pad_token_id(tok))
     calibrate_(model, [(x["input_ids"], x["attention_mask"]) for x in b], progress=False, weighting="relative")
     for sid, layer in model.stitching.items():
