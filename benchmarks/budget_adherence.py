@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(rates) * (args.seconds + args.drain) > HARD_MAX_TIME_S:
         raise SystemExit(f"bound: at most {HARD_MAX_TIME_S} s of load")
     if args.tiny:
-        from stitchlib.palette import init_palette
+        from training.init_palette import init_palette
 
         args.palette = Path("/tmp") / f"budget_adherence_tiny_{os.getuid()}"
         if not (args.palette / "manifest.json").exists():

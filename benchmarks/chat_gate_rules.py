@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from stitchlib.gate import GateRow, paired_se, select_deployment
-from stitchlib.palette import chat_calibration_split, read_manifest
+from stitchlib.palette import read_manifest
+from training.init_palette import chat_calibration_split
 
 RESULTS = Path(__file__).parent / "results"
 

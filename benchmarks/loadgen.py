@@ -119,7 +119,7 @@ def start_local(config: Path, num_cpus: int, port: int | None) -> tuple[str, str
     cfg = ServeConfig.from_yaml(config)
     for p in cfg.palettes:
         if not (p.path / "manifest.json").exists():
-            from stitchlib.palette import init_palette
+            from training.init_palette import init_palette
 
             print(f"loadgen: building tiny palette {p.path}", flush=True)
             init_palette(p.path, task=p.task or "chat", progress=False, n_validation=0)

@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--name", default="quant_quality")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from stitchlib.palette import chat_calibration_split, read_manifest
+    from stitchlib.palette import read_manifest
+    from training.init_palette import chat_calibration_split
     from stitchlib.quality import chat_eval_batches, route_nll
     from stitchlib.quant import DEFAULT_GROUP_SIZE
     from stitchlib.runtime import PaletteRuntime

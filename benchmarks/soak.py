@@ -41,7 +41,7 @@ def start(palette: Path | None, port: int, max_batch_size: int) -> tuple[str, st
     from serving.config import ServeConfig
 
     if palette is None:
-        from stitchlib.palette import init_palette
+        from training.init_palette import init_palette
 
         palette = Path("/tmp") / f"soak_tiny_{os.getuid()}"
         if not (palette / "manifest.json").exists():

@@ -71,7 +71,8 @@ def _anchors(small: str, large: str) -> tuple[str, str]:
 def _palette(small: str, large: str, n_calibration: int, n_validation: int) -> Path:
     from stitchlib.errors import PaletteError
     from stitchlib.hub import cache_root
-    from stitchlib.palette import init_palette, read_manifest
+    from stitchlib.palette import read_manifest
+    from training.init_palette import init_palette
 
     out = cache_root() / "palettes" / f"{small}--{large}--chat-gated"
     if (out / "manifest.json").is_file():

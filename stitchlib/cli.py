@@ -1,7 +1,8 @@
 """`stitchserve` console script.
 
-stitchlib's own subcommands live here; `adapt` (training) and `serve` (serving) are contributed by
-those packages through the `stitchserve.commands` entry-point group, so stitchlib never imports them.
+stitchlib's own subcommands live here; `init-palette` and `adapt` (training), `serve` and `quickstart`
+(serving) are contributed by those packages through the `stitchserve.commands` entry-point group, so
+stitchlib never imports them.
 Errors of stitchlib's kinds become one line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -51,35 +52,12 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_init_palette(args: argparse.Namespace) -> int:
-    from .palette import init_palette
-
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    data = [x.strip() for x in args.chat_data.split(",") if x.strip()]
-    out = init_palette(args.out, small=args.small, large=args.large, task=args.task, labels=labels,
-                       seed=args.seed, n_calibration=args.calibration, dtype=args.dtype, overwrite=args.overwrite,
-                       chat_data=data, weighting=args.weighting, n_validation=args.validation, n_screen=args.screen,
-                       min_gain=args.min_gain, confidence=args.confidence, distill_steps=args.distill_steps)
-    from .palette import read_manifest
-
-    m = read_manifest(out)
-    print(f"wrote least-squares-only palette {out} ({len(m.stitches)} stitches, {len(m.deployed())} deployed)")
-    val = m.training.get("validation")
-    if val and m.quality_metric == "neg_loss":
-        print(f"deployed, by cost (response NLL on {val['examples']} held-out chat examples; lower is better):")
-        for st in m.deployed():
-            print(f"  {st.id:<10} {st.gflops:>8.3f} GFLOPs  NLL {_num(-st.metrics['neg_loss'] if 'neg_loss' in st.metrics else None)}")
-    for line in _not_deployed_lines(m):
-        print(line)
-    return 0
-
-
-def _num(x: float | None, spec: str = ".4g") -> str:
+def num_cell(x: float | None, spec: str = ".4g") -> str:
     """An optional number for a table: '-' where it is missing (unscored, unmeasured)."""
     return "-" if x is None else format(x, spec)
 
 
-def _not_deployed_lines(m) -> list[str]:
+def not_deployed_lines(m) -> list[str]:
     """One line per stitch the palette does not deploy, with the recorded reason (stitchlib.gate)."""
     rows = [s for s in m.stitches if not s.deployed]
     if not rows:
@@ -108,10 +86,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  {'id':<10} {'GFLOPs':>9} {qm or 'quality':>10} {'score':>10}  metrics")
     for s in m.stitches:
         mark = "*" if s.deployed else " "
-        metrics = ", ".join(f"{k}={_num(v)}" for k, v in (s.metrics or {}).items())
-        quality = _num(s.metrics.get(qm)) if qm and s.metrics else "-"
-        print(f"{mark} {s.id:<10} {_num(s.gflops, '9.3f')} {quality:>10} {_num(s.score):>10}  {metrics}")
-    for line in _not_deployed_lines(m):
+        metrics = ", ".join(f"{k}={num_cell(v)}" for k, v in (s.metrics or {}).items())
+        quality = num_cell(s.metrics.get(qm)) if qm and s.metrics else "-"
+        print(f"{mark} {s.id:<10} {num_cell(s.gflops, '9.3f')} {quality:>10} {num_cell(s.score):>10}  {metrics}")
+    for line in not_deployed_lines(m):
         print(line)
     return 0
 
@@ -146,8 +124,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         return None if seconds is None else seconds * 1e3
 
     for sid, p in profiles.items():
-        print(f"{sid:<10} {_num(ms(p.prefill_s_per_token), '14.3f'):>14} "
-              + " ".join(f"{_num(ms(p.decode_step_s.get(b)), '11.2f'):>11}" for b in sizes))
+        print(f"{sid:<10} {num_cell(ms(p.prefill_s_per_token), '14.3f'):>14} "
+              + " ".join(f"{num_cell(ms(p.decode_step_s.get(b)), '11.2f'):>11}" for b in sizes))
     print(f"wrote {out} ({meta.get('device') or 'unknown device'}); serve it with  profile: {{table: {out}}}")
     return 0
 
@@ -171,40 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("names", nargs="*", default=["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
     s.add_argument("--force", action="store_true", help="fetch again even if cached")
     s.set_defaults(func=_cmd_pull)
-
-    s = sub.add_parser("init-palette", help="write a least-squares-only palette (no training)")
-    s.add_argument("--small", default="qwen2.5-coder-0.5b")
-    s.add_argument("--large", default="qwen2.5-coder-1.5b")
-    s.add_argument("--task", choices=["chat", "classify"], default="chat")
-    s.add_argument("--labels", help="comma-separated labels (classify)")
-    s.add_argument("--out", required=True, help="palette directory to create")
-    s.add_argument("--calibration", type=int, default=400,
-                   help="chat examples fitting the stitching layers (more is better: 100 -> 400 measured in benchmarks/CHAT_INIT.md)")
-    s.add_argument("--validation", type=int, default=120,
-                   help="held-out chat examples measuring the routes; only stitches between the anchors and on "
-                        "the quality-vs-cost front are deployed (0: no measurement, deploy all, rank by size)")
-    s.add_argument("--screen", type=int, default=24,
-                   help="the first this many validation examples measure every route; only routes not clearly "
-                        "worse than the small anchor are measured on the rest (0: every route on every example)")
-    s.add_argument("--chat-data", default="pydocs,bbcheadlines",
-                   help="comma-separated chat sources (built-in names or .json/.jsonl files) for calibration and "
-                        "validation, drawn evenly")
-    s.add_argument("--weighting", choices=["relative", "none"], default="relative",
-                   help="least-squares token weighting: relative = each token's error relative to its own scale "
-                        "(what the large block reads after its norm); none = plain least squares")
-    s.add_argument("--min-gain", type=float, default=0.0,
-                   help="a stitch must beat every cheaper deployed route by more than this (quality units)")
-    s.add_argument("--distill-steps", type=int, default=0,
-                   help="after least squares, train each stitching layer alone this many steps (4 sequences "
-                        "each) against the large anchor's next-token distribution: better stitches, ~1 min per "
-                        "stitch per 24 steps on 2 CPU cores (0: off)")
-    s.add_argument("--confidence", type=float, default=2.0,
-                   help="... and by more than this many standard errors of the paired difference on the "
-                        "validation examples (0: any measured gain counts, noise included)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=_cmd_init_palette)
 
     s = sub.add_parser("inspect", help="validate a palette and print its stitch table")
     s.add_argument("palette")

@@ -51,7 +51,7 @@ _SERVED: Served | None = None
 
 
 def make_palettes(root: Path) -> dict[str, Path]:
-    from stitchlib.palette import init_palette
+    from training.init_palette import init_palette
 
     kw = dict(n_calibration=8, max_len=32, progress=False, overwrite=True, n_validation=0)  # deploy every stitch
     return {

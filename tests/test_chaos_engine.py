@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.chaos]
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    from stitchlib.palette import init_palette
+    from training.init_palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
     path = init_palette(tmp_path_factory.mktemp("wd") / "chat", task="chat", n_calibration=8, max_len=32,

@@ -182,7 +182,8 @@ def test_bbcheadlines_is_a_real_chat_set():
 # ---- init_palette: chat template -> relative least squares -> measured -> gated -------------------
 def test_init_palette_calibrates_on_the_chat_template_and_gates(tmp_path, tiny_model, chat_file):
     from stitchlib.gate import select_deployment
-    from stitchlib.palette import chat_calibration_split, gate_rows, init_palette, load_palette
+    from stitchlib.palette import gate_rows, load_palette
+    from training.init_palette import chat_calibration_split, init_palette
 
     out = init_palette(tmp_path / "p", chat_data=[str(chat_file)], n_calibration=12, n_validation=6,
                        progress=False, dtype="float32")
@@ -223,7 +224,8 @@ def test_two_stage_validation_measures_survivors_on_the_whole_split(tmp_path, ti
     the survivors' whole-split numbers."""
     import stitchlib.gate as gate_mod
     from stitchlib.gate import GateRow, select_deployment
-    from stitchlib.palette import chat_calibration_split, init_palette, load_palette
+    from stitchlib.palette import load_palette
+    from training.init_palette import chat_calibration_split, init_palette
 
     if force:  # a screen nothing passes: only the anchors reach the second stage
         monkeypatch.setattr(gate_mod, "SCREEN_Z", -1e9)
@@ -280,7 +282,8 @@ def test_a_palette_with_no_stitch_worth_its_cost_deploys_just_the_anchors(tmp_pa
 
 
 def test_no_validation_deploys_every_stitch_ranked_by_size(tmp_path, chat_file):
-    from stitchlib.palette import init_palette, read_manifest
+    from stitchlib.palette import read_manifest
+    from training.init_palette import init_palette
     from stitchlib.runtime import stitch_infos
 
     m = read_manifest(init_palette(tmp_path / "p", chat_data=[str(chat_file)], n_calibration=8, n_validation=0,
@@ -323,7 +326,8 @@ def test_route_nll_samples_are_paired_per_example(tiny_model):
 
 
 def test_init_palette_with_the_distillation_step(tmp_path, chat_file):
-    from stitchlib.palette import init_palette, load_palette
+    from stitchlib.palette import load_palette
+    from training.init_palette import init_palette
 
     m, tensors = load_palette(init_palette(tmp_path / "p", chat_data=[str(chat_file)], n_calibration=8,
                                            n_validation=0, distill_steps=2, distill_lr=1e-2, progress=False,

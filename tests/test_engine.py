@@ -335,7 +335,7 @@ def test_runtime_accepts_only_a_profile_table_measured_for_it(tmp_path):
     import json
 
     from stitchlib.cli import main
-    from stitchlib.palette import init_palette
+    from training.init_palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
     pal = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32", n_validation=0)
@@ -369,7 +369,7 @@ def test_runtime_accepts_only_a_profile_table_measured_for_it(tmp_path):
 
 
 def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
-    from stitchlib.palette import init_palette
+    from training.init_palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
     p = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32", n_validation=0)
@@ -396,7 +396,7 @@ def test_runtime_generate_steps_runs_on_engine_and_close_frees_it(tmp_path):
 def test_runtime_generate_steps_aborts_one_row_and_frees_its_slot(tmp_path):
     """gen.send([i]) stops row i at once (None from then on, slot freed); the other rows' tokens
     are exactly what they would have been."""
-    from stitchlib.palette import init_palette
+    from training.init_palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
     rt = PaletteRuntime.load(init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32", n_validation=0),

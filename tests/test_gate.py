@@ -227,15 +227,16 @@ def test_inspect_survives_missing_optional_fields(tiny_model, tmp_path, capsys):
 
 def test_init_palette_command_lists_dropped_stitches(tiny_model, tmp_path, capsys, monkeypatch):
     """The init-palette command reports what the written palette deploys (whatever init_palette gated)."""
-    import stitchlib.palette as P
+    import training.init_palette as I
     from stitchlib.cli import main
+    from stitchlib.palette import save_palette
 
     model = tiny_model()
 
     def fake_init(out, **kw):
-        return P.save_palette(out, _gated_manifest(model)[0], model.palette_state_dict())
+        return save_palette(out, _gated_manifest(model)[0], model.palette_state_dict())
 
-    monkeypatch.setattr(P, "init_palette", fake_init)
+    monkeypatch.setattr(I, "init_palette", fake_init)
     assert main(["init-palette", "--small", "tiny-small", "--large", "tiny-large", "--out",
                  str(tmp_path / "p")]) == 0
     text = capsys.readouterr().out

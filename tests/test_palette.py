@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from stitchlib.errors import PaletteError
-from stitchlib.palette import build_manifest, init_palette, load_palette, read_manifest, save_palette
+from stitchlib.palette import build_manifest, load_palette, read_manifest, save_palette
 from stitchlib.runtime import PaletteRuntime, SamplingParams
+from training.init_palette import init_palette
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_runtime_cli_and_config_take_the_mode_and_refuse_unknown_ones(tmp_path, 
 
     from stitchlib.cli import main
     from stitchlib.errors import PaletteError
-    from stitchlib.palette import init_palette
+    from training.init_palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
     pal = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32", n_validation=0)

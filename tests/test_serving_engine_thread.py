@@ -17,7 +17,7 @@ LONG = 120  # tokens: the tiny palette's greedy decode of PROMPT emits no EOS th
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    from stitchlib.palette import init_palette
+    from training.init_palette import init_palette
     from stitchlib.runtime import PaletteRuntime
 
     path = init_palette(tmp_path_factory.mktemp("sched") / "chat", task="chat", n_calibration=8, max_len=32,

@@ -516,7 +516,7 @@ def test_snip_score_counts_only_the_sampled_stitch_gradients(tmp_path):
 
 def test_calibration_from_an_init_palette(tmp_path):
     """--calibration-from reuses the least-squares stitching layers of another palette of the pair."""
-    from stitchlib.palette import init_palette
+    from training.init_palette import init_palette
     from training.adapt_llama import adapt
 
     init = init_palette(tmp_path / "ls", task="classify", labels=["food", "sport", "tech"], n_calibration=16,
