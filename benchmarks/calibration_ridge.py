@@ -15,13 +15,14 @@ import torch
 from stitchlib.anchors import load_anchor
 from stitchlib.model import StitchedLM, lm_loss
 from stitchlib import calibrate as C
+from training.pydocs import default_calibration_texts
 torch.set_num_threads(1)
 torch.manual_seed(0)
 S = load_anchor("qwen2.5-coder-0.5b", dtype="float32", progress=False)
 L = load_anchor("qwen2.5-coder-1.5b", dtype="float32", progress=False)
 m = StitchedLM(S, L).eval()
 tok = S.tokenizer
-texts = C.default_calibration_texts(96)
+texts = default_calibration_texts(96)
 calib, held = texts[:64], texts[64:96]
 ids_focus = ["s0-l1", "s1-l2", "s2-l3", "s3-l4", "s4-l5", "s12-l15", "s23-l27"]
 # calibrate_ solves each stitch's normal equations with fit_affine; record them to re-solve with ridge

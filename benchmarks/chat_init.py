@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from stitchlib import data as D
+from stitchlib import prompts as P
 from stitchlib.anchors import load_anchor
-from stitchlib.calibrate import calibrate_, default_calibration_texts, token_batches
+from stitchlib.calibrate import calibrate_, token_batches
 from stitchlib.model import StitchedLM, causal_mask, positions
 from stitchlib.quality import chat_eval_batches, route_nll
+from training import datasets as D
+from training.pydocs import default_calibration_texts
 
 RESULTS = Path(__file__).parent / "results"
 SMALL, LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
@@ -65,8 +67,8 @@ def calibration_batches(tok, calib, source: str, n: int, max_len: int):
         rng.shuffle(exs)
     else:
         exs = [docs[i] for i in random.Random(f"calib:{n}").sample(range(len(docs)), min(n, len(docs)))]
-    recs = D.encode_chat(exs, tok, max_len)
-    return [(b["input_ids"], b["attention_mask"]) for b in D.batched(recs, D.pad_token_id(tok), 8)]
+    recs = P.encode_chat(exs, tok, max_len)
+    return [(b["input_ids"], b["attention_mask"]) for b in P.batched(recs, P.pad_token_id(tok), 8)]
 
 
 @torch.no_grad()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from stitchlib import data as D
 from stitchlib.palette import read_manifest
 from stitchlib.quality import chat_eval_batches, route_nll
 from stitchlib.runtime import PaletteRuntime
+from training import datasets as D
 from training.init_palette import chat_calibration_split
 
 RESULTS = Path(__file__).parent / "results"

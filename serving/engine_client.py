@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stitchlib.data import render_messages
+from stitchlib.prompts import render_messages
 from stitchlib.engine.pool import engine_for_runtime
 from stitchlib.runtime import PaletteRuntime
 from stitchlib.types import EngineConfig

@@ -148,32 +148,6 @@ def token_batches(tokenizer, texts: list[str], *, batch_size: int = 8, max_len: 
         yield enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-def default_calibration_texts(n: int = 100) -> list[str]:
-    """Deterministic real text available offline: docstrings of stable standard-library objects."""
-    import inspect
-    import importlib
-
-    mods = ["json", "re", "collections", "itertools", "functools", "os.path", "pathlib", "textwrap",
-            "string", "math", "statistics", "datetime", "heapq", "bisect", "random", "argparse",
-            "logging", "csv", "shutil", "difflib", "fractions", "decimal", "enum", "dataclasses",
-            "contextlib", "operator", "copy", "pprint", "unittest"]
-    texts: list[str] = []
-    for name in mods:
-        mod = importlib.import_module(name)
-        for attr in sorted(dir(mod)):
-            if attr.startswith("_"):
-                continue
-            doc = inspect.getdoc(getattr(mod, attr, None))
-            if doc and len(doc) > 200:
-                texts.append(f"{name}.{attr}: {doc[:1200]}")
-    seen, out = set(), []
-    for t in texts:  # the same object re-exported by two modules appears once
-        if t.split(":", 1)[1] not in seen:
-            seen.add(t.split(":", 1)[1])
-            out.append(t)
-    return out[:n]
-
-
 def distill_stitching_(model: StitchedLM, batches: list[tuple[torch.Tensor, torch.Tensor]], stitch_ids: list[str],
                        *, steps: int = 20, lr: float = 1e-3, top_k: int = 64, progress: bool = True,
                        ) -> dict[str, dict[str, float]]:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import data as D
 from .model import KVCache, StitchedLM, causal_mask, positions, shared_prefix_len
+from .prompts import batched, encode_chat, pad_token_id
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [B, T], attention_mask [B, T], labels [B, T]
 
@@ -163,6 +163,6 @@ def chat_eval_batches(tokenizer, examples, *, max_len: int = 160, batch_size: in
                       device: str | torch.device = "cpu") -> list[Batch]:
     """Chat examples rendered exactly as training and serving render them (the tokenizer's chat
     template), labels on the response only, right-padded batches sorted by length (less padding)."""
-    recs = sorted(D.encode_chat(examples, tokenizer, max_len), key=lambda r: len(r["input_ids"]))
+    recs = sorted(encode_chat(examples, tokenizer, max_len), key=lambda r: len(r["input_ids"]))
     return [(b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device))
-            for b in D.batched(recs, D.pad_token_id(tokenizer), batch_size)]
+            for b in batched(recs, pad_token_id(tokenizer), batch_size)]

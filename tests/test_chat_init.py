@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from stitchlib import data as D
+from stitchlib import prompts as P
 from stitchlib.calibrate import calibrate_, distill_stitching_, least_squares
 from stitchlib.model import lm_loss
 from stitchlib.quality import chat_eval_batches, route_nll
+from training import datasets as D
 
 
 @pytest.fixture(scope="module")
@@ -205,11 +206,11 @@ def test_init_palette_calibrates_on_the_chat_template_and_gates(tmp_path, tiny_m
     assert not {e.instruction for e in calib} & {e.instruction for e in val}  # held out
     model = tiny_model()
     tok = model.small_anchor.tokenizer
-    recs = D.encode_chat(calib, tok, 128)
+    recs = P.encode_chat(calib, tok, 128)
     start = tok.convert_tokens_to_ids("<|im_start|>")
     assert all(r["input_ids"][0] == start for r in recs)  # rendered with the chat template, as served
     recs = sorted(recs, key=lambda r: len(r["input_ids"]))  # init_palette batches like lengths together
-    b = D.collate(recs[:8], D.pad_token_id(tok)), D.collate(recs[8:], D.pad_token_id(tok))
+    b = P.collate(recs[:8], P.pad_token_id(tok)), P.collate(recs[8:], P.pad_token_id(tok))
     calibrate_(model, [(x["input_ids"], x["attention_mask"]) for x in b], progress=False, weighting="relative")
     for sid, layer in model.stitching.items():
         assert torch.allclose(tensors[f"stitching.{sid}.weight"], layer.weight, atol=1e-5), sid

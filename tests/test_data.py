@@ -1,4 +1,5 @@
-"""stitchlib.data: loading, splitting, tokenising, batching, built-in sets and bad input."""
+"""training.datasets / training.pydocs (loading, splitting, resumable batches, built-in sets, bad
+input) and stitchlib.prompts (tokenising, collating)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from stitchlib import data as D
-from stitchlib.data import (IGNORE_INDEX, Batches, ChatExample, ClassifyExample, build_pydocs,
-                            batched, collate, encode_chat, encode_classify, encode_prompt, load_chat, load_classify,
-                            pad_token_id, render_prompt, split)
+from stitchlib import prompts as P
 from stitchlib.errors import DataError
+from stitchlib.prompts import (IGNORE_INDEX, ChatExample, ClassifyExample, batched, collate, encode_chat,
+                               encode_classify, encode_prompt, pad_token_id, render_prompt)
+from training import pydocs
+from training.datasets import Batches, load_chat, load_classify, split
+from training.pydocs import build_pydocs
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
           "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
@@ -140,9 +143,9 @@ def test_pydocs_deterministic_large_and_cached(tmp_path, monkeypatch):
     assert " at 0x" not in json.dumps([asdict(e) for e in first])
 
     # The cache: written under $STITCHSERVE_HOME/data, keyed by Python version, read back equal.
-    assert not D.pydocs_cache_path().exists()
+    assert not pydocs.pydocs_cache_path().exists()
     cached = load_chat("pydocs")
-    path = D.pydocs_cache_path()
+    path = pydocs.pydocs_cache_path()
     assert path.parent == tmp_path / "data" and f"{sys.version_info[0]}.{sys.version_info[1]}" in path.name
     assert path.exists() and cached == first and load_chat("pydocs") == first
 
@@ -150,11 +153,11 @@ def test_pydocs_deterministic_large_and_cached(tmp_path, monkeypatch):
 def test_pydocs_same_in_a_fresh_process(tmp_path):
     """A fresh interpreter (different hash seed, cwd and HOME, no torch/transformers imported) must
     build exactly what this process builds: no set order, address or monkeypatch leaks in."""
-    code = ("import hashlib, json; from dataclasses import asdict; from stitchlib.data import "
+    code = ("import hashlib, json; from dataclasses import asdict; from training.pydocs import "
             "build_pydocs; ex = build_pydocs(use_cache=False); print(hashlib.sha256(json.dumps("
             "[asdict(e) for e in ex]).encode()).hexdigest())")
     env = dict(os.environ, PYTHONHASHSEED="12345", HOME=str(tmp_path),
-               PYTHONPATH=str(Path(D.__file__).resolve().parents[1]))
+               PYTHONPATH=str(Path(pydocs.__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=120, check=True)
     assert out.stdout.strip() == _digest(build_pydocs(use_cache=False))
@@ -199,7 +202,7 @@ def test_alpaca_template_without_chat_template(alpaca_tok):
     examples = [ChatExample("Say hi.", "", "Hi!"), ChatExample("Add.", "2 and 3", "5")]
     enc = encode_chat(examples, alpaca_tok, max_len=512)
     p0, r0 = _parts(enc[0])
-    assert alpaca_tok.decode(p0) == D.ALPACA_PROMPT.format(instruction="Say hi.")
+    assert alpaca_tok.decode(p0) == P.ALPACA_PROMPT.format(instruction="Say hi.")
     assert alpaca_tok.decode(r0) == "Hi!<|im_end|>"
     p1, _ = _parts(enc[1])
     assert alpaca_tok.decode(p1).endswith("### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
@@ -479,21 +482,21 @@ def test_render_messages_matches_training_prompts(tok):
     """One user turn renders to exactly training's prompt (text and ids), with or without a system
     prompt; the palette's system prompt yields to the client's own system message."""
     user = [{"role": "user", "content": "Say hi."}]
-    assert D.render_messages(tok, user) == render_prompt(tok, "Say hi.")
-    with_sys = D.render_messages(tok, user, system_prompt="Be brief.")
+    assert P.render_messages(tok, user) == render_prompt(tok, "Say hi.")
+    with_sys = P.render_messages(tok, user, system_prompt="Be brief.")
     assert with_sys == render_prompt(tok, "Say hi.", system_prompt="Be brief.")
     rec = encode_chat([ChatExample("Say hi.", "", "Hi!")], tok, 256, system_prompt="Be brief.")[0]
     assert tok(with_sys, add_special_tokens=False)["input_ids"] == _parts(rec)[0]
     own = [{"role": "system", "content": "Be long."}] + user
-    assert D.render_messages(tok, own, system_prompt="Be brief.") == render_prompt(tok, "Say hi.",
+    assert P.render_messages(tok, own, system_prompt="Be brief.") == render_prompt(tok, "Say hi.",
                                                                                    system_prompt="Be long.")
-    assert D.prompt_template(tok) == "chat" and D.prompt_template(tok, "alpaca") == "alpaca"
+    assert P.prompt_template(tok) == "chat" and P.prompt_template(tok, "alpaca") == "alpaca"
 
 
 def test_render_messages_alpaca_gives_training_ids_and_refuses_multi_turn():
     bos_tok = make_tokenizer(chat_template=False, bos=True)
-    assert D.prompt_template(bos_tok) == "alpaca"
-    text = D.render_messages(bos_tok, [{"role": "system", "content": "ignored"}, {"role": "user", "content": "Say hi."}],
+    assert P.prompt_template(bos_tok) == "alpaca"
+    text = P.render_messages(bos_tok, [{"role": "system", "content": "ignored"}, {"role": "user", "content": "Say hi."}],
                              template="alpaca")
     rec = encode_chat([ChatExample("Say hi.", "", "Hi!")], bos_tok, 512)[0]
     ids = bos_tok(text, add_special_tokens=False)["input_ids"]
@@ -501,6 +504,6 @@ def test_render_messages_alpaca_gives_training_ids_and_refuses_multi_turn():
     for bad in ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                  {"role": "user", "content": "c"}], [{"role": "assistant", "content": "b"}]):
         with pytest.raises(ValueError, match="single-turn Alpaca"):
-            D.render_messages(bos_tok, bad, template="alpaca")
+            P.render_messages(bos_tok, bad, template="alpaca")
     with pytest.raises(ValueError, match="template"):
-        D.render_messages(bos_tok, [{"role": "user", "content": "a"}], template="vicuna")
+        P.render_messages(bos_tok, [{"role": "user", "content": "a"}], template="vicuna")

@@ -197,8 +197,8 @@ def test_prompt_format_recorded_and_served_as_recorded(chat_palette, tmp_path):
     the record (here edited to add a system prompt), and equals training's prompt ids for it. A
     manifest from before the field loads with None and is served with the chat template, as before."""
     from serving.engine_client import RuntimeEngineClient
-    from stitchlib import data as D
-    from stitchlib.data import ChatExample
+    from stitchlib import prompts as P
+    from stitchlib.prompts import ChatExample
 
     m = read_manifest(chat_palette)
     assert m.prompt_format is not None and m.prompt_format.model_dump() == {"template": "chat", "system_prompt": None}
@@ -210,9 +210,9 @@ def test_prompt_format_recorded_and_served_as_recorded(chat_palette, tmp_path):
     eng = RuntimeEngineClient.load(str(pal))
     tok = eng.rt.tokenizer
     msgs = [{"role": "user", "content": "Write a square function."}]
-    rec = D.encode_chat([ChatExample("Write a square function.", "", "x")], tok, 256,
+    rec = P.encode_chat([ChatExample("Write a square function.", "", "x")], tok, 256,
                         system_prompt="Answer in one line.")[0]
-    prompt_ids = [t for t, lab in zip(rec["input_ids"], rec["labels"]) if lab == D.IGNORE_INDEX]
+    prompt_ids = [t for t, lab in zip(rec["input_ids"], rec["labels"]) if lab == P.IGNORE_INDEX]
     assert eng.encode(eng.render_chat(msgs)) == prompt_ids
     assert eng.render_chat(msgs).count("Answer in one line.") == 1
     del raw["prompt_format"]

@@ -15,7 +15,7 @@ import torch
 
 from serving_fixtures import API_KEY, http, served  # noqa: F401 (fixtures)
 
-from stitchlib.data import encode_prompt
+from stitchlib.prompts import encode_prompt
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -198,7 +198,7 @@ def test_tokenizer_endpoints(http, rt):
     assert chat["tokens"] == rt.tokenizer(rt.tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False),
         add_special_tokens=False)["input_ids"]
-    # the palette's recorded prompt format is what training encodes (stitchlib.data.encode_prompt)
+    # the palette's recorded prompt format is what training encodes (stitchlib.prompts.encode_prompt)
     assert rt.manifest.prompt_format.template == "chat"
     assert chat["tokens"] == encode_prompt(rt.tokenizer, "hi")
     assert http.post("/detokenize", json={"tokens": [10 ** 9]}).status_code == 400

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import randomize_pst
-from stitchlib.calibrate import calibrate_, default_calibration_texts, least_squares, token_batches
+from stitchlib.calibrate import calibrate_, least_squares, token_batches
 from stitchlib.model import lm_loss
 from stitchlib.pst import PSTConfig
+from training.pydocs import default_calibration_texts
 
 
 def _ids(n=2, t=12, seed=0, vocab=259):

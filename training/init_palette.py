@@ -18,15 +18,17 @@ from typing import Any, Literal
 
 import torch
 
-from stitchlib import data as D
 from stitchlib import gate as G
 from stitchlib.anchors import load_anchor
-from stitchlib.calibrate import calibrate_, default_calibration_texts, distill_stitching_, token_batches
+from stitchlib.calibrate import calibrate_, distill_stitching_, token_batches
 from stitchlib.errors import PaletteError
 from stitchlib.gate import GateRow, paired_se, screen, select_deployment
 from stitchlib.model import StitchedLM
 from stitchlib.palette import apply_gate, build_manifest, save_palette
+from stitchlib.prompts import batched, encode_chat, pad_token_id
 from stitchlib.quality import RouteNLL, chat_eval_batches, route_nll
+from training import datasets as D
+from training.pydocs import default_calibration_texts
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def chat_calibration_split(sources: tuple[str, ...] | list[str], *, n_calibratio
                            seed: int = 0):
     """Chat examples for a least-squares palette: `n_calibration` to fit the stitching layers and
     `n_validation` held out to measure every route, drawn evenly from each source; no example is in
-    both. Deterministic in the seed (stitchlib.data.split ranks examples by a hash of their content)."""
+    both. Deterministic in the seed (training.datasets.split ranks examples by a hash of their content)."""
     if not sources:
         raise PaletteError("a chat palette needs at least one calibration data source")
     calib, held_by_source = [], []
@@ -104,8 +106,8 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
                                                      n_validation=n_validation, seed=seed)
         # by length: the fit is a sum over tokens, so order is free, and like lengths together leave
         # ~1% padding instead of ~44% (the forward passes are most of calibration's time)
-        recs = sorted(D.encode_chat(calib, tok, max_len), key=lambda r: len(r["input_ids"]))
-        batches = [(b["input_ids"], b["attention_mask"]) for b in D.batched(recs, D.pad_token_id(tok), bs)]
+        recs = sorted(encode_chat(calib, tok, max_len), key=lambda r: len(r["input_ids"]))
+        batches = [(b["input_ids"], b["attention_mask"]) for b in batched(recs, pad_token_id(tok), bs)]
         calibration = {"data": list(chat_data), "template": "chat", "sequences": len(recs)}
     else:
         texts = calibration_texts or default_calibration_texts(n_calibration)

@@ -1,4 +1,4 @@
-"""The run's data, through `stitchlib.data`: load and validate rows (before any model is loaded, so a
+"""The run's data, through `training.datasets` and `stitchlib.prompts`: load and validate rows (before any model is loaded, so a
 bad file fails fast), split deterministically, tokenise with the anchors' shared tokenizer, and hand
 out resumable batches."""
 from __future__ import annotations
@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from stitchlib import data as D
+from stitchlib import prompts as P
 from stitchlib.errors import DataError
 
+from . import datasets as D
 from .config import TrainConfig
 
 
@@ -73,14 +74,14 @@ def encode(cfg: TrainConfig, ex: Examples, tokenizer) -> Encoded:
     if cfg.task == "classify":
         # No EOS appended: PaletteRuntime.classify tokenizes the bare text and reads its last token,
         # so training must show the head exactly that token.
-        enc = lambda rows: D.encode_classify(rows, tokenizer, ex.labels, cfg.seq_len)  # noqa: E731
+        enc = lambda rows: P.encode_classify(rows, tokenizer, ex.labels, cfg.seq_len)  # noqa: E731
     else:
-        enc = lambda rows: D.encode_chat(rows, tokenizer, cfg.seq_len)  # noqa: E731
+        enc = lambda rows: P.encode_chat(rows, tokenizer, cfg.seq_len)  # noqa: E731
     train, val = enc(ex.train), enc(ex.val)
     for part, recs in (("training", train), ("validation", val)):
         if not recs:
             raise DataError(f"{cfg.data}: no {part} example fits --seq-len {cfg.seq_len}")
-    return Encoded(train=list(train), val=list(val), labels=ex.labels, pad_id=D.pad_token_id(tokenizer),
+    return Encoded(train=list(train), val=list(val), labels=ex.labels, pad_id=P.pad_token_id(tokenizer),
                    n_truncated=train.n_truncated + val.n_truncated)
 
 
@@ -98,7 +99,7 @@ def calibration_batches(cfg: TrainConfig, enc: Encoded, batch_size: int = 8):
     n = min(cfg.calib_size, len(enc.train))
     idx = random.Random(f"stitchserve-calib:{cfg.seed}").sample(range(len(enc.train)), n)
     recs = [enc.train[i] for i in idx]
-    return [(b["input_ids"], b["attention_mask"]) for b in D.batched(recs, enc.pad_id, batch_size)]
+    return [(b["input_ids"], b["attention_mask"]) for b in P.batched(recs, enc.pad_id, batch_size)]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
