@@ -41,5 +41,8 @@ def test_init_palette_and_inspect(tmp_path):
     assert r.returncode == 0 and "7 stitches (7 deployed)" in r.stdout
     r = run("init-palette", "--small", "tiny-small", "--large", "tiny-large", "--out", str(out))
     assert r.returncode == 2 and "already exists" in r.stderr
+    # refused before any anchor is loaded or calibrated (unknown anchors would fail otherwise)
+    r = run("init-palette", "--small", "no-such-small", "--large", "no-such-large", "--out", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr
     r = run("inspect", str(tmp_path / "missing"))
     assert r.returncode == 2 and "not found" in r.stderr

@@ -93,6 +93,8 @@ def init_palette(out_dir: str | Path, *, small: str = "tiny-small", large: str =
         raise PaletteError("a classify palette needs at least two labels")
     if n_validation < 0 or n_calibration < 1:
         raise PaletteError("n_calibration must be >= 1 and n_validation >= 0")
+    if Path(out_dir).exists() and not overwrite:  # before minutes of calibration, not after (save_palette)
+        raise PaletteError(f"{out_dir} already exists (pass overwrite to replace it)")
     S = load_anchor(small, dtype=dtype, progress=progress)
     L = load_anchor(large, dtype=dtype, progress=progress)
     with torch.random.fork_rng(devices=[]):
