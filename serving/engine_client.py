@@ -19,8 +19,9 @@ from typing import Any
 
 from stitchlib.prompts import render_messages
 from stitchlib.engine.pool import engine_for_runtime
-from stitchlib.runtime import PaletteRuntime
-from stitchlib.types import EngineConfig
+from stitchlib.engine import StitchEngine
+from stitchlib.runtime import PaletteRuntime, StitchInfo
+from stitchlib.types import EngineConfig, SamplingParams, StitchProfile
 
 from .engine_thread import EngineError, EngineStuck, EngineThread, GenerationStream, StepStats
 from .logprobs import token_bytes_fn
@@ -33,7 +34,7 @@ __all__ = ["EngineClient", "EngineError", "EngineStuck", "GenerationRow", "Gener
 class GenerationRow:
     request_id: str
     prompt_ids: list[int]
-    params: Any  # stitchlib.runtime.SamplingParams
+    params: SamplingParams
 
 
 class EngineClient(ABC):
@@ -46,7 +47,7 @@ class EngineClient(ABC):
     max_seq_len: int  # positions one generation request may use here (prompt + output)
     max_slots: int  # rows decoded together
     vocab_size: int  # token ids the model accepts (its embedding rows; may exceed the tokenizer's)
-    stitches: list[Any]  # stitchlib.runtime.StitchInfo, cheapest first
+    stitches: list[StitchInfo]  # cheapest first
     stitch_parts: dict[str, dict[str, int]]  # stitch -> weight part -> parameters a decode step reads
     eos_ids: set[int]
     on_step: Callable[[StepStats], None] | None  # called on the event loop after every engine step
@@ -77,11 +78,11 @@ class EngineClient(ABC):
         """Raise if the engine cannot serve."""
 
     @abstractmethod
-    async def profile(self, **kw: Any) -> dict[str, Any]:
+    async def profile(self, **kw: Any) -> dict[str, StitchProfile]:
         """Measure every stitch on this hardware: stitch id -> StitchProfile (prefill s/token, step s by batch)."""
 
     @abstractmethod
-    def load_profile_table(self, path: str) -> dict[str, Any] | str:
+    def load_profile_table(self, path: str) -> dict[str, StitchProfile] | str:
         """A saved table (`stitchserve profile`) for this palette and hardware, or why it does not fit."""
 
     @abstractmethod
@@ -134,7 +135,7 @@ class RuntimeEngineClient(EngineClient):
     """engine: the resolved engine config (`PaletteDeploymentConfig.engine_config`); default: 8 slots of
     the whole context."""
 
-    def __init__(self, runtime: Any, engine: EngineConfig | None = None, *,
+    def __init__(self, runtime: PaletteRuntime, engine: EngineConfig | None = None, *,
                  step_timeout_s: float | None = None) -> None:
         self.rt = runtime
         self.name = runtime.name
@@ -162,7 +163,7 @@ class RuntimeEngineClient(EngineClient):
         rt = PaletteRuntime.load(path, device=device, dtype=dtype, quantize=quantize)
         return cls(rt, engine(rt.max_context) if engine is not None else None, step_timeout_s=step_timeout_s)
 
-    def _build(self) -> Any:
+    def _build(self) -> StitchEngine:
         """On the engine thread, at the first generation: caches for max_slots x max_seq_len positions."""
         return engine_for_runtime(self.rt, self.engine_cfg)
 
@@ -220,10 +221,10 @@ class RuntimeEngineClient(EngineClient):
 
         return await self._loop.call(run)
 
-    async def profile(self, **kw: Any) -> dict[str, Any]:
+    async def profile(self, **kw: Any) -> dict[str, StitchProfile]:
         return await self._loop.call(lambda: self.rt.profile(**kw))
 
-    def load_profile_table(self, path: str) -> dict[str, Any] | str:
+    def load_profile_table(self, path: str) -> dict[str, StitchProfile] | str:
         return self.rt.load_profile_table(path)
 
     @property

@@ -37,7 +37,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from stitchlib.types import SamplingParams
+
+if TYPE_CHECKING:
+    from stitchlib.engine import StepOutput, StitchEngine
+    from stitchlib.sampling import TokenLogprob
 
 log = logging.getLogger("ray.serve")
 
@@ -72,7 +78,7 @@ class _Seq:
     request_id: str
     stitch: str
     prompt: list[int]
-    params: Any  # stitchlib.runtime.SamplingParams
+    params: SamplingParams
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     rid: int | None = None  # engine request id (engine thread)
@@ -94,8 +100,8 @@ class GenerationStream:
         self.finish_reason: str | None = None
         self._error: BaseException | None = None
         # when the request's SamplingParams asked for them (stitchlib.sampling.TokenLogprob):
-        self.logprobs: list[Any] = []  # one per token yielded so far
-        self.prompt_logprobs: list[Any] | None = None  # set with the first token
+        self.logprobs: list[TokenLogprob] = []  # one per token yielded so far
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # set with the first token
 
     @property
     def request_id(self) -> str:
@@ -145,7 +151,7 @@ class EngineThread:
     failed step). It must offer StitchEngine's `add_request`, `step`, `abort`, `has_unfinished`,
     `rows`, `waiting`, `prefilling` and `requests`; `step` returns a `stitchlib.engine.StepOutput`."""
 
-    def __init__(self, make_engine: Callable[[], Any], *, on_step: Callable[[StepStats], None] | None = None,
+    def __init__(self, make_engine: Callable[[], StitchEngine], *, on_step: Callable[[StepStats], None] | None = None,
                  thread_init: Callable[[], None] | None = None, name: str = "stitch-engine",
                  step_timeout_s: float | None = None) -> None:
         self._make_engine = make_engine
@@ -156,7 +162,7 @@ class EngineThread:
         self._aborts: list[_Seq] = []
         self._calls: list[tuple[cf.Future, Callable[..., Any], tuple]] = []
         self._closed = False
-        self._engine: Any = None
+        self._engine: StitchEngine | None = None
         self._by_rid: dict[int, _Seq] = {}  # engine thread only
         self._by_request: dict[str, _Seq] = {}  # event loop only
         # Published by the engine thread (whole-object assignments): what the engine holds now, and
@@ -180,7 +186,8 @@ class EngineThread:
             threading.Thread(target=self._watchdog, name=name + "-watchdog", daemon=True).start()
 
     # ---- event-loop side -----------------------------------------------------------------------
-    def submit(self, request_id: str, prompt_ids: list[int], stitch_id: str, params: Any) -> GenerationStream:
+    def submit(self, request_id: str, prompt_ids: list[int], stitch_id: str,
+               params: SamplingParams) -> GenerationStream:
         """Queue a request; it joins the engine at the next step boundary."""
         if request_id in self._by_request:
             raise ValueError(f"request id {request_id!r} is already in flight")
@@ -373,7 +380,7 @@ class EngineThread:
             if self._stall_s > 0:  # fault injection (inject_stall): a step that hangs
                 stall, self._stall_s = self._stall_s, 0.0
                 self._unstall.wait(stall)
-            out = eng.step()
+            out: StepOutput = eng.step()
         except Exception as e:
             with self._step_lock:
                 self._step_t0 = None

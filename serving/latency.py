@@ -28,6 +28,17 @@ need it. Model (all times in seconds; M = engine slots, i.e. rows decoded togeth
     waiting for k slots takes ~k x out_tokens / M steps. Its first token comes after its prefill
     plus one decode step of the rows already running per step the prefill spans: one step, or
     ceil(prompt / prefill_chunk) steps with chunked prefill.
+  * Prefill interference: every prompt admitted while a request decodes is prefilled in a step that
+    also decodes the running rows, so each of its prefill seconds delays every running row's next
+    token by as much. The tracker keeps the prefill seconds of the last `prefill_window_s` seconds of
+    steps (the prefill part of each step, split as for the corrections): u = their share of the
+    window. Decode then gets 1 - u of the engine's time, so a token costs step / (1 - u), u capped at
+    PREFILL_SHARE_CAP. (Mean arrivals: the realized margin covers their tail.)
+  * Per-request overhead: what a request's first token costs beyond the queue and prefill priced
+    above (the wait for the engine step in progress when it arrives, the Ray hop into the replica,
+    tokenizing, a prefill the 32-token start-up profile misprices). Each finished generation records
+    observed - estimated seconds to its first token, and every estimate adds their EWMA (never below
+    0) once: to the whole-request latency, not per token.
   * Realized margin (optional, `budget_quantile`): the terms above price a request at the moment it
     is admitted; what it then gets also depends on what arrives after it (rows that join its steps,
     prompts prefilled between its tokens). Each finished generation records observed / predicted
@@ -44,8 +55,9 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,6 +66,8 @@ Task = Literal["chat", "classify"]
 RATIO_CLIP = (0.05, 20.0)  # a single observation moves the correction at most this far
 MARGIN_CLIP = (0.5, 10.0)  # the realized margin never prices a stitch below half or above 10x its estimate
 MARGIN_MIN_SAMPLES = 20  # ratios needed before the margin departs from 1
+PREFILL_SHARE_CAP = 0.8  # prefill interference never prices a token above 5x its decode step
+OVERHEAD_CAP_S = 30.0  # one request's first-token excess moves the overhead EWMA at most this far
 
 
 def monotone_profile(decode_step_s: dict[int, float]) -> dict[int, float]:
@@ -104,6 +118,7 @@ class LatencyEstimate:
     request_s: float  # whole request, queueing included
     prefill_s: float
     queue_s: float
+    overhead_s: float = 0.0  # learned first-token cost beyond queue + prefill (in request_s)
 
 
 def _clip(ratio: float) -> float:
@@ -116,7 +131,8 @@ class LatencyTracker:
     def __init__(self, profiles: dict[str, tuple[float, dict[int, float]]], *, max_slots: int,
                  parts: Mapping[str, Mapping[str, float]] | None = None, alpha: float = 0.2,
                  default_output_tokens: int = 16, prefill_chunk: int | None = None,
-                 margin_window: int = 256) -> None:
+                 margin_window: int = 256, prefill_window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not profiles:
             raise ValueError("no stitch profiles")
         self.prefill_s_per_token = {s: float(p) for s, (p, _) in profiles.items()}
@@ -132,6 +148,10 @@ class LatencyTracker:
         self._global_decode = Ewma(alpha, 1.0)
         self._global_prefill = Ewma(alpha, 1.0)
         self._out_tokens = Ewma(alpha, float(default_output_tokens))
+        self._prefill_log: deque[tuple[float, float]] = deque()  # (when, prefill seconds) of recent steps
+        self.prefill_window_s = prefill_window_s
+        self._clock = clock
+        self._overhead = Ewma(alpha)  # the first request's excess is taken whole, like the corrections
         self.active = {s: 0 for s in profiles}
         self._realized: dict[str, deque[float]] = {"token": deque(maxlen=margin_window),
                                                    "request": deque(maxlen=margin_window)}
@@ -212,10 +232,23 @@ class LatencyTracker:
             # How far off this step was; every part is scaled by it (for a step with one part this is
             # plain observed / profiled).
             k = seconds / expected
+            if prefill:
+                self._prefill_log.append((self._clock(), k * sum(c_p[s] * pred_p[s] for s in prefill)))
             if decode:
                 self._update([self._decode_corr[s] for s in decode], self._global_decode, _clip(c_d * k))
             for s in prefill:
                 self._update([self._prefill_corr[s]], self._global_prefill, _clip(c_p[s] * k))
+
+    def prefill_share(self) -> float:
+        """Share of the last `prefill_window_s` seconds the engine spent prefilling (capped)."""
+        with self._lock:
+            return self._prefill_share()
+
+    def _prefill_share(self) -> float:
+        start = self._clock() - self.prefill_window_s
+        while self._prefill_log and self._prefill_log[0][0] < start:
+            self._prefill_log.popleft()
+        return min(sum(x for _, x in self._prefill_log) / self.prefill_window_s, PREFILL_SHARE_CAP)
 
     def observe_decode(self, stitch: str, batch: int, seconds: float) -> None:
         self.observe_step(seconds, {stitch: batch})
@@ -225,9 +258,14 @@ class LatencyTracker:
 
     # ---- realized margin -----------------------------------------------------------------------
     def observe_request(self, *, predicted_token_s: float | None = None, observed_token_s: float | None = None,
-                        predicted_request_s: float | None = None, observed_request_s: float | None = None) -> None:
-        """A finished generation: what it was estimated at admission (unscaled) and what it got."""
+                        predicted_request_s: float | None = None, observed_request_s: float | None = None,
+                        predicted_first_s: float | None = None, observed_first_s: float | None = None) -> None:
+        """A finished generation: what it was estimated at admission (unscaled) and what it got.
+        `predicted_first_s`: the estimate's queue + prefill (without the overhead term);
+        `observed_first_s`: seconds from admission to its first token."""
         with self._lock:
+            if predicted_first_s is not None and observed_first_s is not None and math.isfinite(observed_first_s):
+                self._overhead.update(min(max(observed_first_s - predicted_first_s, -OVERHEAD_CAP_S), OVERHEAD_CAP_S))
             for kind, pred, obs in (("token", predicted_token_s, observed_token_s),
                                     ("request", predicted_request_s, observed_request_s)):
                 if pred is not None and obs is not None and pred > 0 and obs >= 0 and math.isfinite(obs / pred):
@@ -244,6 +282,11 @@ class LatencyTracker:
         q = xs[min(len(xs) - 1, int(math.ceil(quantile * len(xs))) - 1)]
         return min(max(q, MARGIN_CLIP[0]), MARGIN_CLIP[1])
 
+    @property
+    def overhead_s(self) -> float:
+        """Learned per-request overhead (seconds, >= 0) every whole-request estimate includes once."""
+        return max(0.0, self._overhead.value or 0.0)
+
     def realized_count(self, kind: Literal["token", "request"]) -> int:
         with self._lock:
             return len(self._realized[kind])
@@ -255,6 +298,8 @@ class LatencyTracker:
         with self._lock:
             active = dict(self.active)
             out_tokens = self._out_tokens.value or 1.0
+            overhead = max(0.0, self._overhead.value or 0.0)
+            interference = 1.0 / (1.0 - self._prefill_share())
         prompt = max(prompt_tokens, 1)
         if task == "classify":
             def batch_s(s: str, rows: int) -> float:
@@ -271,12 +316,12 @@ class LatencyTracker:
         joined = dict(running)
         joined[stitch] = joined.get(stitch, 0) + batch_rows
         n = sum(joined.values())
-        token = self.step_s(joined)
+        token = self.step_s(joined) * interference
         ahead = max(0, n - self.M)  # rows (ours last) beyond the slots: each waits for a slot to free
         queue = ahead * out_tokens / self.M * token
         # every step the prefill spans also decodes the running rows
         spans = math.ceil(prompt * batch_rows / self.prefill_chunk) if self.prefill_chunk else 1
         prefill = (self.correction(stitch, "prefill") * self.prefill_s_per_token[stitch] * prompt * batch_rows
                    + spans * self.step_s(running))
-        total = queue + prefill + max(max_tokens - 1, 0) * token
-        return LatencyEstimate(token_s=token, request_s=total, prefill_s=prefill, queue_s=queue)
+        total = queue + prefill + overhead + max(max_tokens - 1, 0) * token
+        return LatencyEstimate(token_s=token, request_s=total, prefill_s=prefill, queue_s=queue, overhead_s=overhead)

@@ -300,6 +300,8 @@ class PaletteReplica:
         # the bare estimates (without the realized margin): what the margin's ratios compare against
         m_tok, m_req = self._route_margins
         est_token_s, est_request_s = decision.stitch.token_latency_s / m_tok, decision.stitch.request_latency_s / m_req
+        # its queue + prefill: what the tracker's per-request overhead term learns the first token's excess over
+        est_first_s = est_request_s - max(max_tokens - 1, 0) * est_token_s - self.tracker.overhead_s
         yield RouteItem(stitch=card, prompt_tokens=len(ids))
 
         want_lp = req.logprobs is not None
@@ -377,7 +379,8 @@ class PaletteReplica:
                 self.tracker.observe_request(
                     predicted_token_s=est_token_s if n_out >= 2 else None,
                     observed_token_s=(t_prev - t_first) / (n_out - 1) if n_out >= 2 else None,
-                    predicted_request_s=est_request_s, observed_request_s=t_prev - t_arrival)
+                    predicted_request_s=est_request_s, observed_request_s=t_prev - t_arrival,
+                    predicted_first_s=est_first_s, observed_first_s=t_first - t_arrival)
             yield FinalItem(finish_reason=finish, usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=n_out,
                                                                    total_tokens=len(ids) + n_out))
         except EngineStuck as e:  # the watchdog gave up on a step: not this request's fault, retry

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.budget import parse_budget
-from serving.latency import MARGIN_CLIP, MARGIN_MIN_SAMPLES, LatencyTracker
+from serving.latency import MARGIN_CLIP, MARGIN_MIN_SAMPLES, PREFILL_SHARE_CAP, LatencyTracker
 from serving.stitch_router import StitchCandidate, select_stitch
 
 
@@ -53,3 +53,47 @@ def test_margin_downgrades_at_admission():
               for c in (big, small)]
     d = select_stitch(scaled, budget)
     assert d.stitch_id == "small" and d.budget_met
+
+
+def test_overhead_is_learned_from_first_token_excess_and_added_once():
+    """Observed - estimated seconds to the first token (queue + prefill) becomes an additive term of
+    the whole-request estimate: the first excess whole, then an EWMA; never per token, never below 0."""
+    t = LatencyTracker({"a": (1e-3, {1: 0.010, 4: 0.012})}, max_slots=4, alpha=0.5)
+    bare = t.estimate("a", prompt_tokens=100, max_tokens=11)
+    assert bare.overhead_s == 0 and bare.request_s == pytest.approx(100e-3 + 10 * 0.010, rel=1e-9)
+    t.observe_request(predicted_first_s=0.1, observed_first_s=0.5)  # 0.4 s beyond queue + prefill
+    assert t.overhead_s == pytest.approx(0.4)
+    t.observe_request(predicted_first_s=0.1, observed_first_s=0.3)  # EWMA(0.5): 0.5 * 0.2 + 0.5 * 0.4
+    assert t.overhead_s == pytest.approx(0.3)
+    e = t.estimate("a", prompt_tokens=100, max_tokens=11)
+    assert e.overhead_s == pytest.approx(0.3)
+    assert e.request_s == pytest.approx(bare.request_s + 0.3, rel=1e-9)
+    assert e.token_s == bare.token_s and e.prefill_s == bare.prefill_s  # per-token budgets unchanged
+    for _ in range(20):  # first tokens faster than estimated: the term goes to 0, it never subtracts
+        t.observe_request(predicted_first_s=1.0, observed_first_s=0.2)
+    assert t.overhead_s == 0 and t.estimate("a", prompt_tokens=100, max_tokens=11).request_s == pytest.approx(
+        bare.request_s, rel=1e-9)
+
+
+def test_prefill_interference_prices_tokens_by_the_share_left_for_decode():
+    """Prompts prefilled in the last window delay every running row's tokens: with prefill taking u
+    of the engine's time, a token costs step / (1 - u); old prefills leave the window; u is capped."""
+    now = [100.0]
+    t = LatencyTracker({"a": (1e-3, {1: 0.010, 4: 0.012})}, max_slots=4, prefill_window_s=10.0,
+                       clock=lambda: now[0])
+    idle = t.estimate("a", prompt_tokens=100, max_tokens=11)
+    assert t.prefill_share() == 0 and idle.token_s == pytest.approx(0.010, rel=1e-9)
+    for _ in range(5):  # a row decoding (0.010 s) beside a 500-token prefill (0.5 s), as profiled
+        t.observe_step(0.51, {"a": 1}, {"a": 500})
+        now[0] += 1.0
+    assert t.correction("a") == pytest.approx(1.0) and t.correction("a", "prefill") == pytest.approx(1.0)
+    assert t.prefill_share() == pytest.approx(2.5 / 10)  # 5 x 0.5 s of prefill in a 10 s window
+    e = t.estimate("a", prompt_tokens=100, max_tokens=11)
+    assert e.token_s == pytest.approx(0.010 / 0.75, rel=1e-9)
+    assert e.request_s == pytest.approx(idle.request_s + 10 * (0.010 / 0.75 - 0.010), rel=1e-9)
+    now[0] += 10.0  # the prefills are older than the window
+    assert t.prefill_share() == 0 and t.estimate("a", prompt_tokens=100, max_tokens=11).token_s == pytest.approx(0.010)
+    for _ in range(30):
+        t.observe_step(0.51, {"a": 1}, {"a": 500})
+    assert t.prefill_share() == PREFILL_SHARE_CAP
+    assert t.estimate("a", prompt_tokens=1).token_s == pytest.approx(0.010 / (1 - PREFILL_SHARE_CAP), rel=1e-9)
