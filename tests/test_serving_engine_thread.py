@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
 from serving.engine_client import EngineError, GenerationRow, RuntimeEngineClient
 from serving.engine_thread import EngineThread
+from serving.latency import LatencyTracker
 from stitchlib.engine import EngineConfig
 
 pytestmark = pytest.mark.timeout(300)
@@ -258,3 +260,50 @@ def test_abort_by_id_and_shutdown_end_streams_with_errors(runtime):
             await eng.check_health()
 
     asyncio.run(main())
+
+
+def test_prefill_share_comes_from_the_engine_steps_and_prices_tokens(runtime):
+    """A row decodes while another request's prompt is prefilled in 4-token chunks: the tracker's
+    prefill share is the prefill part of those steps over the window (at least the prefill-only
+    steps, at most every step that prefilled), a token is priced at step / (1 - share), and once the
+    window has passed the share is 0 again."""
+    a, b = runtime.stitches[1].id, runtime.stitches[-1].id
+    offset = [0.0]
+    window = 600.0  # longer than the test: nothing leaves it until the clock is moved
+
+    tracker = LatencyTracker({s.id: (1e-3, {1: 0.01, 4: 0.012}) for s in runtime.stitches}, max_slots=2,
+                             prefill_chunk=4, prefill_window_s=window, clock=lambda: time.monotonic() + offset[0])
+    steps = []
+
+    def on_step(st):
+        steps.append(st)
+        tracker.observe_step(st.seconds, st.decode_rows, st.prefill_tokens)
+
+    async def main():
+        eng = RuntimeEngineClient(runtime, EngineConfig(max_slots=2, max_seq_len=256, prefill_chunk=4))
+        eng.on_step = on_step
+        ids = eng.encode(eng.render_chat([{"role": "user", "content": "Say hi, and then say it again."}]))
+        try:
+            long_a = eng.stream(GenerationRow("a", ids, greedy(60)), a)
+            await long_a.__anext__()
+            b_out = [t async for t in eng.stream(GenerationRow("b", ids, greedy(4)), b)]
+            rest = [t async for t in long_a]
+            assert b_out and rest
+        finally:
+            await eng.shutdown()
+
+    asyncio.run(main())
+    with_prefill = [s for s in steps if s.seconds > 0 and s.prefill_tokens]
+    prefill_only = [s for s in with_prefill if not s.decode_rows]
+    mixed = [s for s in with_prefill if s.decode_rows]
+    assert prefill_only and mixed  # a's own prompt alone, then b's chunks beside a's decode
+    u = tracker.prefill_share()
+    assert sum(s.seconds for s in prefill_only) / window <= u + 1e-12
+    assert u <= sum(s.seconds for s in with_prefill) / window + 1e-12
+    assert u > sum(s.seconds for s in prefill_only) / window  # the chunks beside a's decode count too
+
+    step = tracker.step_s({a: 1})
+    assert tracker.estimate(a, prompt_tokens=8).token_s == pytest.approx(step / (1 - u), rel=1e-9)
+    offset[0] += window + 1  # every prefill is now older than the window
+    assert tracker.prefill_share() == 0
+    assert tracker.estimate(a, prompt_tokens=8).token_s == pytest.approx(step, rel=1e-9)
