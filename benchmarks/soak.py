@@ -176,13 +176,23 @@ def analyse(samples: list[dict], warmup_s: float, load_end: float) -> dict:
         if len(after) < 4:
             continue
         half = [p for p in after if p[0] >= (warmup_s + load_end) / 2]
-        per[n] = {"rss_start_mb": round(after[0][1], 1), "rss_end_mb": round(pts[-1][1], 1),
+        # growth that has stopped (an allocator settling on the shapes it has seen) vs one that goes on
+        # to the end (a leak): since when RSS has stayed within 1 MB of its final value
+        below = [i for i, (_, y) in enumerate(pts) if y < pts[-1][1] - 1.0]
+        flat_since = pts[below[-1] + 1][0] if below else pts[0][0]
+        quarter = [p for p in pts if p[0] >= pts[-1][0] - (pts[-1][0] - warmup_s) / 4]
+        per[n] = {"rss_first_mb": round(pts[0][1], 1), "rss_start_mb": round(after[0][1], 1),
+                  "rss_end_mb": round(pts[-1][1], 1), "within_1mb_of_end_since_s": round(flat_since, 1),
+                  "change_last_quarter_mb": round(quarter[-1][1] - quarter[0][1], 1),
                   "rss_max_mb": round(max(y for _, y in pts), 1),
                   "change_after_warmup_pct": round(100 * (pts[-1][1] / after[0][1] - 1), 2),
                   "slope_second_half_mb_per_min": round(slope_mb_per_min([t for t, _ in half], [y for _, y in half]), 3)}
     idle = [s for s in samples if not s["load"]]
     end = idle[-1] if idle else samples[-1]
-    return {"processes": per, "idle_at_end": {k: end.get(k) for k in ("inflight", "running", "waiting", "connections")},
+    first = samples[0]
+    return {"processes": per,
+            "at_start": {k: first.get(k) for k in ("inflight", "running", "waiting", "connections")},
+            "idle_at_end": {k: end.get(k) for k in ("inflight", "running", "waiting", "connections")},
             "peak_connections": max(s["connections"] for s in samples),
             "peak_running": max(s.get("running", 0) for s in samples)}
 
