@@ -211,8 +211,9 @@ def use_pinned_transformers(wheel_dir: Path, timeout_s: float) -> str:
 
 
 def ensure_pydantic() -> str:
-    """stitchlib's config classes use pydantic (BaseModel, Field, ValidationError). Install a minimal
-    stand-in when the package is missing: defaults, model_copy/model_dump/model_validate, no checks."""
+    """stitchlib's config classes use pydantic (BaseModel, Field, ValidationError, ConfigDict and the
+    validator decorators). Install a minimal stand-in when the package is missing: defaults,
+    model_copy/model_dump/model_validate/model_fields_set, no checks (validators are not run)."""
     try:
         import pydantic
         return pydantic.VERSION
@@ -247,6 +248,7 @@ def ensure_pydantic() -> str:
             cls.__stub_fields__ = fields
 
         def __init__(self, **data):
+            object.__setattr__(self, "model_fields_set", set(data) & set(self.__stub_fields__))
             for name, f in self.__stub_fields__.items():
                 if name in data:
                     val = data.pop(name)
@@ -264,6 +266,7 @@ def ensure_pydantic() -> str:
             new = copy.deepcopy(self) if deep else copy.copy(self)
             for k, v in (update or {}).items():
                 object.__setattr__(new, k, v)
+            object.__setattr__(new, "model_fields_set", self.model_fields_set | set(update or {}))
             return new
 
         def model_dump(self, **_):
@@ -290,6 +293,10 @@ def ensure_pydantic() -> str:
         def __repr__(self):
             return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__stub_fields__)})"
 
+    def _no_check(*_, **__):  # field_validator("x") / model_validator(mode=...): the stand-in runs no checks
+        return lambda fn: fn
+
     mod.BaseModel, mod.Field, mod.ValidationError, mod.VERSION = BaseModel, Field, ValidationError, "stub"
+    mod.ConfigDict, mod.field_validator, mod.model_validator = dict, _no_check, _no_check
     sys.modules["pydantic"] = mod
     return "stub (pydantic not installed)"

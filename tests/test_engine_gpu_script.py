@@ -180,6 +180,7 @@ from stitchlib.runtime import SamplingParams
 cfg = EngineConfig(max_slots=2, max_seq_len=32, cuda_graphs=False)
 assert cfg.kv_block == 64 and cfg.batch_buckets[:2] == [1, 2]
 assert cfg.model_copy(update={"max_slots": 3}).max_slots == 3 and cfg.max_slots == 2
+assert cfg.model_fields_set == {"max_slots", "max_seq_len", "cuda_graphs"}  # engine_for_runtime reads it
 prof = StitchProfile.model_validate(StitchProfile(prefill_s_per_token=0.1, decode_step_s={1: 0.2}).model_dump())
 assert prof.decode_step_s == {1: 0.2}
 torch.manual_seed(0)
