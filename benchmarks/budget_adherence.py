@@ -15,12 +15,20 @@ x probe inter-token latency`. Met: observed inter-token latency (first to last
 token over tokens - 1) or observed end-to-end seconds within the budget.
 
 Per rate: requests, feasible, met_feasible_share, X-Budget-Met false share, p50/p99 prediction error
-(observed / predicted - 1), throughput, and `saturated` (completions fell behind arrivals: the
-rate's requests completed at under 85% of the rate they were sent at, or over 1% were refused).
+(observed / predicted - 1), throughput, `saturated` (completions fell behind arrivals: the rate's
+requests completed at under 85% of the rate they were sent at, or over 1% were refused), and
+`miss_sources`: the feasible misses by whether the router had priced them to fit, and for streamed
+ones how much of the excess came at the first token and how much after it.
 
-    # under the shared CPU lock: the real pair, ~15 min
-    flock /tmp/cpu.lock python benchmarks/budget_adherence.py --palette /tmp/h14/pal_v120 \
-        --rates 0.05,0.15,0.3,0.5,0.8 --seconds 90 --label before
+Budgets are drawn around the stitches' idle estimates; `--budget-basis` takes those from a recorded
+run, so that runs compared with each other draw the same budgets (with the same seed the same
+requests at the same times) whatever profile their replica measured at start-up.
+
+    # under the shared CPU lock: the real pair, ~12 min
+    flock /tmp/cpu.lock python benchmarks/budget_adherence.py --palette /tmp/pal_v120 \
+        --rates 0.15,0.3,0.45 --seconds 200 --drain 25 --prompt-words 12,40,120 \
+        --token-budget-factor 0.9,3 --request-budget-factor 1,6 \
+        --budget-basis benchmarks/results/budget_adherence_basis.json --label before
     python benchmarks/budget_adherence.py --tiny --rates 1,4 --seconds 15 --out /tmp/ba_tiny   # smoke run
 """
 from __future__ import annotations
@@ -31,7 +39,6 @@ import json
 import math
 import os
 import random
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -186,7 +193,8 @@ def make_request(rate: float, i: int, t: float, rng: random.Random, mix: dict) -
     else:
         kind, stream = "request", rng.random() < 0.5
         base = mix["idle_request_s"](words, max_tokens, rng)
-        value = round(base * math.exp(rng.uniform(math.log(0.8), math.log(3.0))), 3)
+        lo, hi = mix["request_budget_factor"]
+        value = round(base * math.exp(rng.uniform(math.log(lo), math.log(hi))), 3)
         header = f"{value:g}s"
     return Req(rate, i, t, kind, value, header, words, max_tokens, stream), prompt_text(words, rng)
 
@@ -241,6 +249,34 @@ def rejudge(path: Path, q: float) -> dict:
     return doc
 
 
+def miss_sources(reqs: list[Req]) -> dict:
+    """Where the feasible budgets that were missed went wrong, from the per-request records.
+
+    `flagged`: the router already priced every stitch over the budget (X-Budget-Met: false) and served
+    its best effort; `priced_to_fit`: it predicted the chosen stitch would meet it and it did not. For
+    streamed misses, the excess over the estimate splits into the first token (observed TTFT minus
+    the estimate's queue + prefill, i.e. request estimate - (tokens - 1) x per-token estimate) and
+    the tokens after it ((tokens - 1) x (observed - estimated inter-token latency))."""
+    out: dict = {"flagged": 0, "priced_to_fit": 0, "failed": 0, "by_kind": {}, "streamed": []}
+    for r in reqs:
+        if not r.feasible or r.met:
+            continue
+        out["by_kind"][r.kind] = out["by_kind"].get(r.kind, 0) + 1
+        if r.status != 200:
+            out["failed"] += 1
+            continue
+        out["flagged" if r.budget_met_header is False else "priced_to_fit"] += 1
+        if r.stream and r.ttft_s is not None and r.predicted_request_s and r.predicted_token_s and r.tokens >= 2:
+            first_pred = r.predicted_request_s - (r.max_tokens - 1) * r.predicted_token_s
+            out["streamed"].append({
+                "kind": r.kind, "stitch": r.stitch, "flagged": r.budget_met_header is False,
+                "budget_s": r.budget_value, "prompt_tokens": r.prompt_tokens, "tokens": r.tokens,
+                "first_token_excess_s": round(r.ttft_s - first_pred, 3),
+                "later_tokens_excess_s": round((r.tokens - 1) * ((r.observed_token_s or 0) - r.predicted_token_s), 3),
+                "request_excess_s": round((r.e2e_s or 0) - r.predicted_request_s, 3)})
+    return out
+
+
 def summarize(rate: float, reqs: list[Req], window: float, drained: float, oracle: dict) -> dict:
     budgeted = [r for r in reqs if r.kind != "probe"]
     ok = [r for r in reqs if r.status == 200]
@@ -275,6 +311,7 @@ def summarize(rate: float, reqs: list[Req], window: float, drained: float, oracl
         "throughput_tokens_s": round(sum(r.tokens for r in ok) / max(span, 1e-9), 3),
         "window_s": window, "drained_after_s": round(drained, 2),
         "stitches": {s: sum(r.stitch == s for r in ok) for s in sorted({r.stitch for r in ok if r.stitch})},
+        "miss_sources": miss_sources(reqs),
         **{f"oracle_{k}": v for k, v in oracle.items()},
     }
 
@@ -364,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-words", default="12,60,180")
     ap.add_argument("--max-tokens", default="8,16,32")
     ap.add_argument("--probe-share", type=float, default=0.15)
+    ap.add_argument("--token-budget-factor", default="0.7,1.6",
+                    help="per-token budgets: log-uniform from LO x the fastest to HI x the slowest stitch's idle estimate")
+    ap.add_argument("--request-budget-factor", default="0.8,3",
+                    help="whole-request budgets: a random stitch's idle estimate x log-uniform [LO, HI]")
+    ap.add_argument("--budget-basis", type=Path,
+                    help="draw budgets from the start-up profile recorded in this result JSON instead of this "
+                         "run's own (a profile taken beside other work shifts every budget; two runs compared "
+                         "should draw the same ones)")
     ap.add_argument("--budget-quantile", type=float, default=None,
                     help="serve with this budget_quantile (admission margin from realized latency); default: "
                          "the config's default")
@@ -406,11 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     fastest = stitches[0]["id"]
     tok = httpx.post(base + "/tokenize", json={"prompt": prompt_text(100, random.Random(1))}, timeout=60).json()
     words_to_tokens = tok["count"] / 100
-    lat = [s["latency_ms"] / 1e3 for s in stitches]
+    basis = json.loads(args.budget_basis.read_text())["meta"]["stitches_at_start"] if args.budget_basis else stitches
+    lat = [s["latency_ms"] / 1e3 for s in basis]
+    tf = [float(x) for x in args.token_budget_factor.split(",")]
     mix = {"prompt_words": [int(x) for x in args.prompt_words.split(",")],
            "max_tokens": [int(x) for x in args.max_tokens.split(",")], "probe_share": args.probe_share,
-           "token_budget_range_s": (0.7 * min(lat), 1.6 * max(lat)),
-           "idle_request_s": idle_request_model(stitches, words_to_tokens)}
+           "token_budget_range_s": (tf[0] * min(lat), tf[1] * max(lat)),
+           "request_budget_factor": [float(x) for x in args.request_budget_factor.split(",")],
+           "budget_basis": str(args.budget_basis) if args.budget_basis else "this run's start-up profile",
+           "idle_request_s": idle_request_model(basis, words_to_tokens)}
     rng = random.Random(args.seed)
     all_reqs: list[Req] = []
     rows = []
