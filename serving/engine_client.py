@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stitchlib.prompts import render_messages
-from stitchlib.engine.pool import engine_for_runtime
 from stitchlib.engine import StitchEngine
+from stitchlib.engine.pool import engine_for_runtime
+from stitchlib.prompts import render_messages
 from stitchlib.runtime import PaletteRuntime, StitchInfo
 from stitchlib.types import EngineConfig, SamplingParams, StitchProfile
 
