@@ -93,14 +93,15 @@ def llama_cpp_runner(path: Path, threads: int, prompt: list[int]):
 
 
 # ---- our engine ---------------------------------------------------------------------------------
-def warm_engine(model, sid: str, prompts: list[list[int]], steps: int, **config_kw):
-    """An engine with len(prompts) requests on one stitch, past prefill and one warm-up decode step."""
+def warm_engine(model, sid: str, prompts: list[list[int]], steps: int, fast_blocks: bool = True, **config_kw):
+    """An engine with len(prompts) requests on one stitch, past prefill and one warm-up decode step
+    (fast_blocks=False: quantized blocks through the HF call, as before stitchlib.engine.blocks)."""
     from stitchlib.engine import EngineConfig, StitchEngine
     from stitchlib.runtime import SamplingParams
 
     n = len(prompts)
     e = StitchEngine(model, EngineConfig(max_slots=n, max_seq_len=len(prompts[0]) + steps + 8, stitches=[sid],
-                                         **config_kw))
+                                         **config_kw), fast_blocks=fast_blocks)
     for p in prompts:
         e.add_request(p, sid, SamplingParams(max_tokens=steps + 4, temperature=0.0))
     e.step()
@@ -208,6 +209,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also a torch.profiler breakdown of one decode step")
     ap.add_argument("--compile", default="", help="modes also timed with torch.compile'd blocks (e.g. int4), as "
                                                   "'<mode>+compile'; the first use compiles (minutes on CPU)")
+    ap.add_argument("--hf-blocks", default="", help="quantized modes also timed with their blocks through the HF "
+                                                     "call instead of stitchlib.engine.blocks (the path before "
+                                                     "it), as '<mode>+hf-blocks'")
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default="engine_cpu_quant")
     args = ap.parse_args()
@@ -221,7 +225,8 @@ def main() -> None:
     bw = read_bandwidth(torch.device("cpu"), 1 << 30, repeats=3)
     base_modes = args.modes.split(",")
     compiled = [m for m in args.compile.split(",") if m]
-    modes = base_modes + [f"{m}+compile" for m in compiled]
+    hf_blocks = [m for m in args.hf_blocks.split(",") if m]
+    modes = base_modes + [f"{m}+compile" for m in compiled] + [f"{m}+hf-blocks" for m in hf_blocks]
     rts, load_s = {}, {}
     for mode in base_modes:
         t0 = time.time()
@@ -229,7 +234,10 @@ def main() -> None:
         load_s[mode] = time.time() - t0
     for m in compiled:
         rts[f"{m}+compile"] = rts[m]
-    kw = {m: ({"compile_layers": True} if m.endswith("+compile") else {}) for m in modes}
+    for m in hf_blocks:
+        rts[f"{m}+hf-blocks"] = rts[m]
+    kw = {m: ({"compile_layers": True} if m.endswith("+compile") else
+              {"fast_blocks": False} if m.endswith("+hf-blocks") else {}) for m in modes}
     compile_s: dict[str, float | str] = {}
     for m in list(modes):
         if kw[m]:  # compile outside the timed rounds: one warm-up per stitch kind and batch size
@@ -327,7 +335,7 @@ def main() -> None:
     prof = None
     if args.profile:
         prof = {}
-        for mode in [m for m in ("none", "int4", "int4+compile") if m in modes]:
+        for mode in [m for m in ("none", "int4+hf-blocks", "int4", "int4+compile") if m in modes]:
             for sid in ("small", "large"):
                 for n in (1, args.batch):
                     prof[f"{mode} {sid} batch {n}"] = step_profile(rts[mode].model, sid, prompts[:n], **kw[mode])

@@ -13,6 +13,13 @@ Where a kernel is missing (int8 on CUDA, an odd shape, an unsupported dtype) the
 as they are and dequantizes per call in pure torch (`backend = "reference"`), with one log line saying
 so. The same pure-torch dequantization (`dequantize`) is the reference the tests hold the kernels to.
 
+Fused projections: q/k/v of a block are quantized as one [q; k; v] matrix and gate/up as one
+[gate; up] (each output row is quantized on its own, so the codes are those of the separate layers and
+the kernels give the same numbers bit for bit): the engine's decode block (`stitchlib.engine.blocks`)
+calls one kernel for each instead of three and two. The HF modules keep working on the same storage:
+q_proj / k_proj / v_proj (gate_proj / up_proj) become `QuantSlice`s, column ranges of the fused
+output, which is computed once per input.
+
 Quantize AFTER the LoRA merge (`StitchedLM.merge_lora_`): a merged weight is a plain nn.Linear and the
 merge needs float weights. Stitching layers and stitch-specific biases (PSTLinear.ssb) stay exact:
 only the frozen shared weights under them are swapped.
@@ -27,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .pst import PSTLinear
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +227,82 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
+class _FusedOutput:
+    """The fused layer's output for the latest input, shared by the QuantSlices over it: the first slice
+    computes it, the others read it (same input object, unchanged since), the last drops it."""
+
+    def __init__(self, linear: QuantLinear, parts: int) -> None:
+        self.linear, self.parts = linear, parts
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._version, self._left = -1, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._left > 0 and x is self._x and x._version == self._version:
+            y = self._y
+        else:
+            y = self.linear(x)
+            self._x, self._y, self._version, self._left = x, y, x._version, self.parts
+        self._left -= 1
+        if self._left == 0:
+            self._x = self._y = None  # hold no activations between block calls
+        return y
+
+
+class QuantSlice(nn.Module):
+    """Output columns [start, stop) of a fused QuantLinear: what an HF projection module becomes once its
+    rows are quantized together with its siblings'. The fused layer is registered on the parent module
+    (e.g. `self_attn.qkv_proj`), not here, so its storage is counted and moved once."""
+
+    def __init__(self, shared: _FusedOutput, start: int, stop: int) -> None:
+        super().__init__()
+        self._shared = shared
+        self.start, self.stop = start, stop
+        self.in_features, self.out_features = shared.linear.in_features, stop - start
+
+    @property
+    def fused(self) -> QuantLinear:
+        return self._shared.linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shared(x)[..., self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}:{self.stop} of a fused {self.fused.mode} layer"
+
+
+# (parent attribute for the fused layer, the sibling projections fused into it, the module holding them)
+FUSED_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+)
+
+
+def _base(m: nn.Module | None) -> nn.Module | None:
+    return m.base if isinstance(m, PSTLinear) else m  # the frozen linear under a PST wrapper
+
+
+def _fusable(parent: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
+    """The plain nn.Linears under `names` if they can be quantized as one matrix (same input size and
+    dtype, all with or all without a bias), else None."""
+    lins = [_base(getattr(parent, n, None)) for n in names]
+    if not all(type(lin) is nn.Linear for lin in lins):
+        return None
+    if len({(lin.in_features, lin.weight.dtype, lin.weight.device, lin.bias is None) for lin in lins}) != 1:
+        return None
+    return lins
+
+
+def fused_layers(block: nn.Module) -> dict[str, QuantLinear]:
+    """{"qkv_proj": ..., "gate_up_proj": ...} of a quantized decoder block (those it has)."""
+    out = {}
+    for holder, attr, _ in FUSED_GROUPS:
+        m = getattr(getattr(block, holder, None), attr, None)
+        if isinstance(m, QuantLinear):
+            out[attr] = m
+    return out
+
+
 def _head_mode(mode: QuantMode, head_mode: QuantMode | None) -> QuantMode | None:
     """The LM head's mode (None: kept in float). It is read once per decode step, a quarter of the
     small anchor's bytes: at int8 the head alone took a third of an int4 step (benchmarks/QUANT.md)."""
@@ -249,27 +334,68 @@ def _targets(anchor, head: bool) -> list[tuple[nn.Module, str, nn.Linear, str]]:
 
 
 @torch.no_grad()
+def _fuse_block_(block: nn.Module, mode: QuantMode, group_size: int, name: str) -> list[nn.Linear]:
+    """Quantize each FUSED_GROUPS set of `block` as one matrix (see the module docstring); the HF
+    modules become QuantSlices of it. -> the linears fused (the rest is left to the caller)."""
+    done = []
+    for holder, attr, names in FUSED_GROUPS:
+        parent = getattr(block, holder, None)
+        lins = _fusable(parent, names) if parent is not None else None
+        if not lins:
+            continue
+        w = torch.cat([lin.weight for lin in lins])
+        cat = nn.Linear(w.shape[1], w.shape[0], bias=lins[0].bias is not None, device=w.device, dtype=w.dtype)
+        cat.requires_grad_(False).weight.copy_(w)
+        if lins[0].bias is not None:
+            cat.bias.copy_(torch.cat([lin.bias for lin in lins]))
+        m = _layer_mode(mode, cat, group_size)
+        if any(_layer_mode(mode, lin, group_size) != m for lin in lins):
+            continue  # the separate layers would be held in another mode: keep them separate
+        fused = QuantLinear.from_linear(cat, m, group_size=group_size, name=f"{name}.{holder}.{attr}")
+        setattr(parent, attr, fused)
+        shared = _FusedOutput(fused, len(names))
+        start = 0
+        for n, lin in zip(names, lins):
+            piece = QuantSlice(shared, start, start + lin.out_features)
+            start += lin.out_features
+            wrapper = getattr(parent, n)
+            if isinstance(wrapper, PSTLinear):
+                wrapper.base = piece
+            else:
+                setattr(parent, n, piece)
+            done.append(lin)
+    return done
+
+
 def quantize_anchor_linears_(anchor, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
-                             head_mode: QuantMode | None = None, progress: bool = False) -> dict:
+                             head_mode: QuantMode | None = None, progress: bool = False, fuse: bool = True) -> dict:
     """Swap an anchor's decoder-block linears for QuantLinear(mode) and its LM head for
     QuantLinear(head_mode) (None: the same mode; "none": keep it in float). A tied head keeps the embedding table as it is
     (a step reads one row of it). A layer whose input size the int4 group size does not divide
-    or whose output size is not a multiple of 16 falls back to int8. -> summary {layers, bytes_before, bytes_after, int8_fallbacks}."""
+    or whose output size is not a multiple of 16 falls back to int8. `fuse`: q/k/v and gate/up of each
+    block quantized as one matrix each (`_fuse_block_`; same codes, one kernel call).
+    -> summary {layers, fused, bytes_before, bytes_after, int8_fallbacks}."""
     check_mode(mode)
     if mode == "none":
-        return {"layers": 0, "bytes_before": 0, "bytes_after": 0, "int8_fallbacks": []}
+        return {"layers": 0, "fused": 0, "bytes_before": 0, "bytes_after": 0, "int8_fallbacks": []}
     head_mode = _head_mode(mode, head_mode)
     items = _targets(anchor, head=head_mode is not None)
-    before = after = 0
+    before = sum(lin.weight.numel() * lin.weight.element_size() for _, _, lin, _ in items)
+    fused: set[int] = set()  # ids of the nn.Linears quantized as part of a fused matrix
+    after = 0
+    if fuse:
+        for bi, block in enumerate(anchor.layers):
+            fused.update(map(id, _fuse_block_(block, mode, group_size, f"{anchor.name}.layers.{bi}")))
+            after += sum(f.weight_bytes() for f in fused_layers(block).values())
     fallbacks = []
-    it = tqdm(items, desc=f"quantize {anchor.name} ({mode})", unit="linear") if progress else items
+    rest = [it for it in items if id(it[2]) not in fused]
+    it = tqdm(rest, desc=f"quantize {anchor.name} ({mode})", unit="linear") if progress else rest
     for parent, attr, lin, name in it:
         m = head_mode if attr == "lm_head" and parent is anchor.model else mode
         if _layer_mode(m, lin, group_size) != m:
             fallbacks.append(name)
             m = "int8"
         q = QuantLinear.from_linear(lin, m, group_size=group_size, name=name)
-        before += lin.weight.numel() * lin.weight.element_size()
         after += q.weight_bytes()
         if attr == "lm_head" and parent is anchor.model:
             # HF ties lm_head.weight to embed_tokens.weight; the embedding keeps its own Parameter.
@@ -282,19 +408,21 @@ def quantize_anchor_linears_(anchor, mode: QuantMode, *, group_size: int = DEFAU
         log.warning("%s: %d linears held as int8 (int4 needs input %% group size %d == 0, output %% 16 == 0): %s",
                     anchor.name, len(fallbacks), group_size, fallbacks[:4])
     anchor.quantization = mode
-    return {"layers": len(items), "bytes_before": before, "bytes_after": after, "int8_fallbacks": fallbacks}
+    return {"layers": len(items), "fused": len(fused), "bytes_before": before, "bytes_after": after,
+            "int8_fallbacks": fallbacks}
 
 
 @torch.no_grad()
 def quantize_model_(model, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
-                    head_mode: QuantMode | None = None, progress: bool = False) -> dict:
+                    head_mode: QuantMode | None = None, progress: bool = False, fuse: bool = True) -> dict:
     """Quantize both anchors of a StitchedLM for serving (after `merge_lora_`). Stitching layers and
     stitch-specific biases are untouched. -> {"small": summary, "large": summary}."""
     check_mode(mode)
     unmerged = [m for m in [*model.pst_small, *model.pst_large] if m.lora_a is not None]
     if unmerged:
         raise ValueError("merge LoRA (model.merge_lora_()) before quantizing: the merge needs float weights")
-    return {role: quantize_anchor_linears_(a, mode, group_size=group_size, head_mode=head_mode, progress=progress)
+    return {role: quantize_anchor_linears_(a, mode, group_size=group_size, head_mode=head_mode, progress=progress,
+                                           fuse=fuse)
             for role, a in (("small", model.small_anchor), ("large", model.large_anchor))}
 
 

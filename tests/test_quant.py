@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from conftest import randomize_pst
-from stitchlib.quant import (QuantLinear, QuantizedWeight, check_mode, dequantize, fake_quantize_, quantize_model_,
-                             quantize_weight)
+from stitchlib.quant import (QuantLinear, QuantSlice, QuantizedWeight, check_mode, dequantize, fake_quantize_,
+                             quantize_model_, quantize_weight)
 from stitchlib.runtime import SamplingParams
 
 N_NEW = 8
@@ -25,9 +25,10 @@ def _prompts(n=5, seed=0, vocab=259):
     return [torch.randint(0, vocab, (t,), generator=g).tolist() for t in (5, 11, 3, 8, 14, 6)[:n]]
 
 
-def _pair_model(mode: str | None, *, fake: bool = False, group_size: int = 32):
-    """Tiny pair with random PST, LoRA merged as serving does; then quantized (or, fake=True, the
-    same codes held as dequantized float weights: the reference)."""
+def _pair_model(mode: str | None, *, fake: bool = False, group_size: int = 32, dtype: str = "float32",
+                fuse: bool = True):
+    """Tiny pair with random PST, LoRA merged as serving does; then quantized (fuse: q/k/v and gate/up
+    as one matrix each) or, fake=True, the same codes held as dequantized float weights: the reference."""
     from stitchlib.anchors import load_anchor
     from stitchlib.model import StitchedLM
 
@@ -36,8 +37,12 @@ def _pair_model(mode: str | None, *, fake: bool = False, group_size: int = 32):
     randomize_pst(model)
     model.merge_lora_()
     model.eval()
-    if mode:
-        (fake_quantize_ if fake else quantize_model_)(model, mode, group_size=group_size)
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+    if fake:
+        fake_quantize_(model, mode, group_size=group_size)
+    elif mode:
+        quantize_model_(model, mode, group_size=group_size, fuse=fuse)
     return model
 
 
@@ -108,6 +113,61 @@ def test_greedy_tokens_of_every_stitch_equal_the_dequantized_model(mode):
             assert got[sid] == want, (mode, sid, p)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_projections_hold_the_separate_codes(mode):
+    """q/k/v and gate/up quantized as one matrix: each output column equals the separate layer's, bit
+    for bit, for decode- and prefill-sized inputs; the storage is the same size; the HF modules read
+    their columns of the fused output, computed once per input."""
+    fused, sep = _pair_model(mode), _pair_model(mode, fuse=False)
+    for a, b in zip(fused.large_anchor.layers, sep.large_anchor.layers):
+        for rows in (1, 3, 70):
+            x = torch.randn(2, rows, a.mlp.gate_up_proj.in_features)
+            n = a.mlp.gate_proj.out_features
+            y = a.mlp.gate_up_proj(x)
+            assert torch.equal(y[..., :n], b.mlp.gate_proj(x)) and torch.equal(y[..., n:], b.mlp.up_proj(x))
+            at, bt = a.self_attn, b.self_attn
+            qkv = at.qkv_proj(x)
+            want = torch.cat([bt.q_proj.base(x), bt.k_proj.base(x), bt.v_proj.base(x)], -1)
+            assert torch.equal(qkv, want)  # the biases of q/k/v included
+            calls = []
+            at.qkv_proj.register_forward_hook(lambda *_: calls.append(1))
+            assert torch.equal(torch.cat([at.q_proj.base(x), at.k_proj.base(x), at.v_proj.base(x)], -1), want)
+            assert len(calls) == 1  # one kernel call for the three
+            at.qkv_proj._forward_hooks.clear()
+    nbytes = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
+    assert nbytes(fused) == nbytes(sep)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fast_blocks_give_the_hf_block_call_s_numbers(mode, dtype):
+    """The engine's fast block (stitchlib.engine.blocks: fused layers, HF's ops without the module calls)
+    in prefill and decode, every stitch in one mixed batch: tokens and logprobs equal, bit for bit, to
+    the HF block call over the same fused layers and to the HF call over separate layers."""
+    from stitchlib.engine import EngineConfig, StitchEngine
+    from stitchlib.engine.blocks import fast_block
+    from stitchlib.engine.runner import call_layer
+
+    fused, sep = _pair_model(mode, dtype=dtype), _pair_model(mode, dtype=dtype, fuse=False)
+    sids = [s.id for s in fused.stitches]
+    cfg = EngineConfig(max_slots=2 * len(sids), max_seq_len=48, stitches=sids)
+    engines = [StitchEngine(fused, cfg), StitchEngine(fused, cfg, fast_blocks=False), StitchEngine(sep, cfg)]
+    assert [e.block_fn for e in engines] == [fast_block, call_layer, call_layer]
+    params = SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=3)
+    runs = []
+    for e in engines:
+        for p in _prompts(2, seed=3):
+            for sid in sids:
+                e.add_request(p, sid, params)
+        out = []
+        while e.has_unfinished():
+            step = e.step()
+            out.append((dict(step.tokens), dict(step.logprobs)))
+        runs.append(out)
+    assert len(runs[0]) == N_NEW and sum(len(t) for t, _ in runs[0]) == N_NEW * 2 * len(sids)
+    assert runs[0] == runs[1] == runs[2]
+
+
 def test_quantized_model_differs_from_float_and_keeps_stitch_parts_exact():
     from stitchlib.pst import PSTLinear
 
@@ -116,12 +176,16 @@ def test_quantized_model_differs_from_float_and_keeps_stitch_parts_exact():
         assert type(layer.weight) is nn.Parameter and torch.equal(layer.weight, fp.stitching[sid].weight)
         assert torch.equal(layer.ssb, fp.stitching[sid].ssb)
     for a, b in zip(q.pst_small + q.pst_large, fp.pst_small + fp.pst_large):
-        assert isinstance(a, PSTLinear) and isinstance(a.base, QuantLinear) and a.base.mode == "int4"
+        base = a.base.fused if isinstance(a.base, QuantSlice) else a.base  # q/k/v: one fused matrix
+        assert isinstance(a, PSTLinear) and isinstance(base, QuantLinear) and base.mode == "int4"
         assert torch.equal(a.ssb, b.ssb)  # stitch-specific biases: exact
-        assert torch.equal(a.base.bias, b.base.bias) if b.base.bias is not None else a.base.bias is None
+        bias = base.bias[a.base.start:a.base.stop] if isinstance(a.base, QuantSlice) and base.bias is not None \
+            else base.bias
+        assert torch.equal(bias, b.base.bias) if b.base.bias is not None else bias is None
     for anchor, ref in ((q.small_anchor, fp.small_anchor), (q.large_anchor, fp.large_anchor)):
         mlp = anchor.layers[0].mlp
-        assert all(isinstance(getattr(mlp, n), QuantLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+        assert isinstance(mlp.gate_up_proj, QuantLinear) and isinstance(mlp.down_proj, QuantLinear)
+        assert [type(mlp.gate_proj), type(mlp.up_proj)] == [QuantSlice, QuantSlice]
         # the head follows the mode; the tiny vocabulary (259) is no multiple of 16, so int4 falls back to int8
         assert isinstance(anchor.lm_head, QuantLinear) and anchor.lm_head.mode == "int8"
         assert torch.equal(anchor.embed.weight, ref.embed.weight)  # the embedding table stays exact

@@ -30,14 +30,15 @@ from .runner import StitchRunner, call_layer
 log = logging.getLogger(__name__)
 
 
-_compiled: dict[str | None, Callable] = {}
+_compiled: dict[tuple[str | None, Callable], Callable] = {}
 
 
-def compile_layer_fn(mode: str | None = None) -> Callable:
-    """The compiled block call for `mode`, one per process: every engine shares its compiled graphs
-    (a second torch.compile wrapper would compile everything again)."""
-    if mode in _compiled:
-        return _compiled[mode]
+def compile_layer_fn(mode: str | None = None, fn: Callable = call_layer) -> Callable:
+    """The compiled block call `fn` (the HF call, or the quantized fast block) for `mode`, one per
+    process: every engine shares its compiled graphs (a second torch.compile wrapper would compile
+    everything again)."""
+    if (mode, fn) in _compiled:
+        return _compiled[(mode, fn)]
     if mode in CUDAGRAPH_COMPILE_MODES:  # EngineConfig refuses them; a direct caller gets the same answer
         raise ValueError(f"compile mode {mode!r} captures its own CUDA graphs (copying inputs every call); "
                          "use None, 'default' or 'max-autotune-no-cudagraphs': DecodeGraphs captures the step")
@@ -48,8 +49,8 @@ def compile_layer_fn(mode: str | None = None) -> Callable:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    _compiled[mode] = torch.compile(call_layer, mode=mode, dynamic=True, fullgraph=False)
-    return _compiled[mode]
+    _compiled[(mode, fn)] = torch.compile(fn, mode=mode, dynamic=True, fullgraph=False)
+    return _compiled[(mode, fn)]
 
 
 @dataclass

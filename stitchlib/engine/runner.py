@@ -34,11 +34,15 @@ def call_layer(layer, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, co
 
 class StitchRunner:
     def __init__(self, model: StitchedLM, small_cache: StaticKVCache | None, large_cache: StaticKVCache | None,
-                 *, max_seq: int, decode_layer_fn: Callable = call_layer) -> None:
+                 *, max_seq: int, decode_layer_fn: Callable = call_layer, prefill_layer_fn: Callable = call_layer,
+                 compiled: bool = False) -> None:
         self.model = model
         self.S, self.L = model.small_anchor, model.large_anchor
         self.caches = {"small": small_cache, "large": large_cache}
-        self.decode_layer_fn = decode_layer_fn  # compiled variant for one-token steps; prefill stays eager
+        # The block call for one-token steps (compiled, or the quantized fast block) and for prefill
+        # (never compiled: prompt lengths vary).
+        self.decode_layer_fn, self.prefill_layer_fn = decode_layer_fn, prefill_layer_fn
+        self.compiled = compiled
         self.kv_arange = torch.arange(max_seq, device=self.S.device)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache_rows: Sel, plan: RoutePlan, kv_len: int,
@@ -69,12 +73,13 @@ class StitchRunner:
         B, T = tokens.shape
         mask = (self.kv_arange[:kv_len] <= pos[..., None])[:, None]  # [B, 1, T, kv_len] causal over the row
         model = self.model
-        layer_fn = self.decode_layer_fn if T == 1 else call_layer
+        layer_fn = self.decode_layer_fn if T == 1 else self.prefill_layer_fn
         sub: dict[tuple[str, int], tuple] = {}  # (anchor, group) -> per-group inputs, built once per call
 
         # A compiled block specialises on storage offsets 0 and 1, so views that start later in the
         # batch (suffix rows of the large blocks) are handed over as fresh tensors instead.
-        own = (lambda t: t if t.storage_offset() == 0 else t.clone()) if layer_fn is not call_layer else (lambda t: t)
+        compiled = self.compiled and T == 1
+        own = (lambda t: t if t.storage_offset() == 0 else t.clone()) if compiled else (lambda t: t)
 
         def inputs(anchor: str, g: int, pe: tuple[torch.Tensor, torch.Tensor]):
             if (anchor, g) not in sub:
