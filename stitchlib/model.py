@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .anchors import Anchor, check_pair
-from .pst import PSTConfig, PSTLinear, RouteState, StitchingLayer, inject_pst
+from .pst import PSTConfig, RouteState, StitchingLayer, inject_pst
 from .sampling import make_generator, sample_next
 from .space import Stitch, StitchCost, StitchSpaceConfig, enumerate_stitches, stitch_cost
 

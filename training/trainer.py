@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from stitchlib.anchors import load_anchor
 from stitchlib.calibrate import calibrate_
-from stitchlib.model import StitchedLM, lm_loss
+from stitchlib.model import StitchedLM
 from stitchlib.pst import PSTConfig, PSTLinear
 from stitchlib.gate import GateResult, GateRow, select_deployment
 from stitchlib.snip import Deployment, SnipSampler, snip_score, validated_deploy
