@@ -16,9 +16,11 @@ token over tokens - 1) or observed end-to-end seconds within the budget.
 
 Per rate: requests, feasible, met_feasible_share, X-Budget-Met false share, p50/p99 prediction error
 (observed / predicted - 1), throughput, `saturated` (completions fell behind arrivals: the rate's
-requests completed at under 85% of the rate they were sent at, or over 1% were refused), and
-`miss_sources`: the feasible misses by whether the router had priced them to fit, and for streamed
-ones how much of the excess came at the first token and how much after it.
+requests completed at under 85% of the rate they were sent at, or over 1% were refused),
+`promised_kept_share` (of the budgeted requests served with X-Budget-Met: true, feasible or not, the
+share that met their budget) and `miss_sources`: the feasible misses by whether the router had
+priced them to fit, and for streamed ones how much of the excess came at the first token and how
+much after it.
 
 Budgets are drawn around the stitches' idle estimates; `--budget-basis` takes those from a recorded
 run, so that runs compared with each other draw the same budgets (with the same seed the same
@@ -291,6 +293,10 @@ def summarize(rate: float, reqs: list[Req], window: float, drained: float, oracl
     err_req = [r.e2e_s / r.predicted_request_s - 1 for r in budgeted
                if r.kind == "request" and r.status == 200 and r.e2e_s and r.predicted_request_s]
     routed = [r for r in budgeted if r.status == 200 and r.budget_met_header is not None]
+    # the router's word: of the budgeted requests it served with X-Budget-Met: true, feasible or not, the
+    # share that met their budget (a false one tells the client up front; a true one that misses is a
+    # promise broken)
+    promised = [r for r in routed if r.budget_met_header and r.met is not None]
     met_feasible = [r for r in feas if r.met]
     feas_tok = [r for r in feas if r.kind == "token"]
     feas_req = [r for r in feas if r.kind == "request"]
@@ -306,6 +312,8 @@ def summarize(rate: float, reqs: list[Req], window: float, drained: float, oracl
         "feasible_token": len(feas_tok), "feasible_request": len(feas_req),
         "budget_met_false_share": (sum(not r.budget_met_header for r in routed) / len(routed)) if routed else None,
         "met_share_all": (sum(bool(r.met) for r in budgeted) / len(budgeted)) if budgeted else None,
+        "promised": len(promised), "promised_kept": sum(bool(r.met) for r in promised),
+        "promised_kept_share": (sum(bool(r.met) for r in promised) / len(promised)) if promised else None,
         "pred_err_token_p50": pct(err_tok, 0.5), "pred_err_token_p99": pct(err_tok, 0.99),
         "pred_err_request_p50": pct(err_req, 0.5), "pred_err_request_p99": pct(err_req, 0.99),
         "throughput_tokens_s": round(sum(r.tokens for r in ok) / max(span, 1e-9), 3),
@@ -364,6 +372,8 @@ def plot(doc: dict, out: Path, others: list[dict]) -> None:
                 style, label=f"{lab}: met / feasible")
         a1.plot(x, [r["budget_met_false_share"] if r["budget_met_false_share"] is not None else float("nan")
                     for r in rs], style, alpha=0.5, label=f"{lab}: X-Budget-Met false share")
+        a1.plot(x, [r.get("promised_kept_share") if r.get("promised_kept_share") is not None else float("nan")
+                    for r in rs], style, alpha=0.8, lw=0.8, label=f"{lab}: X-Budget-Met true, kept")
         for r in rs:
             if r["saturated"]:
                 a1.axvspan(r["offered_rps"] * 0.97, r["offered_rps"] * 1.03, color="red", alpha=0.08)
