@@ -93,7 +93,7 @@ def llama_cpp_runner(path: Path, threads: int, prompt: list[int]):
 
 
 # ---- our engine ---------------------------------------------------------------------------------
-def warm_engine(model, sid: str, prompts: list[list[int]], steps: int, fast_blocks: bool = True, **config_kw):
+def warm_engine(model, sid: str, prompts: list[list[int]], steps: int, **config_kw):
     """An engine with len(prompts) requests on one stitch, past prefill and one warm-up decode step
     (fast_blocks=False: quantized blocks through the HF call, as before stitchlib.engine.blocks)."""
     from stitchlib.engine import EngineConfig, StitchEngine
@@ -101,7 +101,7 @@ def warm_engine(model, sid: str, prompts: list[list[int]], steps: int, fast_bloc
 
     n = len(prompts)
     e = StitchEngine(model, EngineConfig(max_slots=n, max_seq_len=len(prompts[0]) + steps + 8, stitches=[sid],
-                                         **config_kw), fast_blocks=fast_blocks)
+                                         **config_kw))
     for p in prompts:
         e.add_request(p, sid, SamplingParams(max_tokens=steps + 4, temperature=0.0))
     e.step()

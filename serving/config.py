@@ -217,7 +217,7 @@ class PaletteDeploymentConfig(_Strict):
                                                                          "null: the bare estimate")
     engine: EngineConfig = Field(default_factory=EngineConfig, description=(
         "every other option of the stitchlib engine (stitchlib.engine.EngineConfig): cuda_graphs, compile_layers, "
-        "compile_mode, max_graphs, batch_buckets, pad_to_bucket, kv_block, prefill_tokens. Its max_slots, "
+        "compile_mode, max_graphs, batch_buckets, pad_to_bucket, kv_block, prefill_tokens, fast_blocks. Its max_slots, "
         "max_seq_len and prefill_chunk are this palette's max_batch_size, max_seq_len and prefill_chunk, and it "
         "serves the palette's deployed stitches"))
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)

@@ -63,6 +63,9 @@ class EngineConfig(BaseModel):
                                                  "max_slots) so one captured graph serves several batch sizes; "
                                                  "increasing, each >= 1")
     pad_to_bucket: bool | None = Field(None, description="pad decode batches to a bucket (None: when using CUDA graphs)")
+    fast_blocks: bool = Field(True, description="call quantized anchors' blocks through stitchlib.engine.blocks "
+                                                "(fused q/k/v and gate/up, the same numbers as the HF call) where "
+                                                "every block supports it; false: the HF call")
 
     @field_validator("batch_buckets")
     @classmethod

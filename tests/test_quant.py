@@ -151,7 +151,8 @@ def test_fast_blocks_give_the_hf_block_call_s_numbers(mode, dtype):
     fused, sep = _pair_model(mode, dtype=dtype), _pair_model(mode, dtype=dtype, fuse=False)
     sids = [s.id for s in fused.stitches]
     cfg = EngineConfig(max_slots=2 * len(sids), max_seq_len=48, stitches=sids)
-    engines = [StitchEngine(fused, cfg), StitchEngine(fused, cfg, fast_blocks=False), StitchEngine(sep, cfg)]
+    engines = [StitchEngine(fused, cfg), StitchEngine(fused, cfg.model_copy(update={"fast_blocks": False})),
+               StitchEngine(sep, cfg)]
     assert [e.block_fn for e in engines] == [fast_block, call_layer, call_layer]
     params = SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=3)
     runs = []

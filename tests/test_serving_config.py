@@ -154,12 +154,12 @@ def test_yaml_reaches_every_engine_option(palettes, tmp_path):
     f.write_text(yaml.safe_dump({"palettes": [{
         "path": str(palettes["tinychat"]), "max_batch_size": 3, "max_seq_len": 200, "prefill_chunk": 16,
         "engine": {"kv_block": 8, "prefill_tokens": 64, "max_graphs": 2, "batch_buckets": [1, 3],
-                   "pad_to_bucket": True, "cuda_graphs": False}}]}))
+                   "pad_to_bucket": True, "cuda_graphs": False, "fast_blocks": False}}]}))
     pal = ServeConfig.from_yaml(f).resolved().palettes[0]
     client = RuntimeEngineClient.load(str(pal.path), engine=pal.engine_config)
     built = client._build()  # what the engine thread builds at the first request
     want = EngineConfig(max_slots=3, max_seq_len=200, prefill_chunk=16, kv_block=8, prefill_tokens=64, max_graphs=2,
-                        batch_buckets=[1, 3], pad_to_bucket=True, cuda_graphs=False,
+                        batch_buckets=[1, 3], pad_to_bucket=True, cuda_graphs=False, fast_blocks=False,
                         stitches=[s.id for s in client.stitches])
     assert built.cfg == want and built.pad and built.graphs is None
     assert (client.max_slots, client.max_seq_len) == (3, 200)

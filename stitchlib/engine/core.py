@@ -96,9 +96,7 @@ class StitchEngine:
     """Mixed-stitch continuous batching over static caches. See the module docstring."""
 
     def __init__(self, model: StitchedLM, config: EngineConfig | None = None, *,
-                 eos_token_ids: set[int] | frozenset[int] = frozenset(), fast_blocks: bool = True) -> None:
-        """fast_blocks: call quantized anchors' blocks through `stitchlib.engine.blocks` (fused q/k/v and
-        gate/up, the same numbers as the HF call) wherever every block supports it; False: the HF call."""
+                 eos_token_ids: set[int] | frozenset[int] = frozenset()) -> None:
         self.model = model
         self.cfg = cfg = config or EngineConfig()
         self.device = model.small_anchor.device
@@ -121,7 +119,7 @@ class StitchEngine:
                                  head_dim=st.head_dim, max_seq=cfg.max_seq_len, dtype=anchor.dtype, device=self.device)
 
         self.caches = {"small": cache(S, small_layers), "large": cache(L, large_layers)}
-        self.block_fn = block_fn([*S.layers, *L.layers]) if fast_blocks else call_layer
+        self.block_fn = block_fn([*S.layers, *L.layers]) if cfg.fast_blocks else call_layer
         layer_fn = compile_layer_fn(cfg.compile_mode, self.block_fn) if cfg.compile_layers else self.block_fn
         self.runner = StitchRunner(model, self.caches["small"], self.caches["large"], max_seq=cfg.max_seq_len,
                                    decode_layer_fn=layer_fn, prefill_layer_fn=self.block_fn,
