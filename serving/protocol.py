@@ -415,6 +415,8 @@ class StitchStatus(OpenAIBaseModel):
     decode_step_s: dict[int, float] = Field(description="profiled seconds per decode step by batch size")
     correction: float = Field(description="EWMA of observed / profiled step time")
     latency_ms: float = Field(description="current per-token estimate at batch 1 with the current load")
+    prefill_share: float = Field(description="share of the replica's recent engine time spent prefilling prompts "
+                                             "(the last minute); tokens are priced at step / (1 - share)")
     active_requests: int
     replica: str | None = None
 

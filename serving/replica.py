@@ -493,7 +493,8 @@ class PaletteReplica:
                 model=self.model, id=s.id, split=s.split, join=s.join, params=s.params, gflops=s.gflops,
                 bytes=s.bytes, quality=s.quality, metrics=s.metrics, prefill_s_per_token=p.prefill_s_per_token,
                 decode_step_s=p.decode_step_s, correction=self.tracker.correction(s.id),
-                latency_ms=est.token_s * 1e3, active_requests=self.tracker.active[s.id],
+                latency_ms=est.token_s * 1e3, prefill_share=self.tracker.prefill_share(),
+                active_requests=self.tracker.active[s.id],
                 replica=self.replica))
         return out
 

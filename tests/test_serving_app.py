@@ -541,9 +541,11 @@ def test_observed_steps_correct_the_profile(http, stitches):
     s = now[sid]
     assert s["correction"] != 1.0  # observed step times moved it
     assert s["decode_step_s"] == stitches[1]["decode_step_s"]  # the profile itself is kept
-    # idle: no load term, one row: the profile at batch 1 (made monotone: the least of the profiled
-    # figures, as a larger batch never takes less time) times the correction, read in one consistent
-    # snapshot (observations are applied on the replica's event loop before a step's tokens go out)
+    # idle: no rows in flight, one row: the profile at batch 1 (made monotone: the least of the profiled
+    # figures, as a larger batch never takes less time) times the correction, over the share of the
+    # last minute's engine time left to decode by prefills, read in one consistent snapshot
+    # (observations are applied on the replica's event loop before a step's tokens go out)
     step1 = min(s["decode_step_s"].values())
     assert s["active_requests"] == 0
-    assert s["latency_ms"] == pytest.approx(s["correction"] * step1 * 1e3, rel=1e-9)
+    assert 0 < s["prefill_share"] < 1  # the prompts just served were prefilled in the last minute
+    assert s["latency_ms"] == pytest.approx(s["correction"] * step1 * 1e3 / (1 - s["prefill_share"]), rel=1e-9)
