@@ -307,3 +307,12 @@ def hf_generate_step_times(hf_model, ids: torch.Tensor, steps: int, **generate_k
     hf_model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, pad_token_id=0,
                       logits_processor=LogitsProcessorList([Stamp()]), **generate_kw)
     return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def split_modes(values: str | list[str]) -> list[str]:
+    """--modes values -> quantization specs: plain modes may be comma-joined ("none,int8,w4a8"), a
+    per-anchor spec ("small=int8,large=w4a8") is one value of its own."""
+    out = []
+    for v in [values] if isinstance(values, str) else values:
+        out += [v] if "=" in v else [m for m in v.split(",") if m]
+    return out

@@ -1,5 +1,5 @@
 """CPU, real Qwen2.5-Coder pair, one run: decode speed of every deployed stitch of a palette and the
-anchors under bf16 / int8 / int4 weights (stitchlib.quant) through the engine, next to llama.cpp on
+anchors under bf16 / int8 / int4 weights and w4a8 (stitchlib.quant) through the engine, next to llama.cpp on
 the same GGUF files and HF `generate()`, with the weight-read floor of each.
 
 Interleaved rounds (every method once per round) so load from other jobs hits all alike:
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from engine_common import env_info, hf_generate_step_times, median, read_bandwidth, timed, write_result
+from engine_common import env_info, hf_generate_step_times, median, read_bandwidth, split_modes, timed, write_result
 
 GGUF_DIR = Path("~/.cache/stitchserve/gguf").expanduser()
 
@@ -135,7 +135,8 @@ def step_profile(model, sid: str, prompts: list[list[int]], steps: int = 4, **co
     ops: dict[str, float] = {}
 
     def cat(name: str) -> str:
-        if "int4pack" in name or "int8pack" in name or name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        if "int4pack" in name or "int8pack" in name or "w4a8_mm" in name or name in ("aten::mm", "aten::addmm",
+                                                                                      "aten::bmm"):
             return "matmul"
         if "scaled_dot_product" in name or "_flash_attention" in name or name == "aten::_softmax":
             return "attention"
@@ -198,7 +199,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("palette")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default="none,int8,int4")
+    ap.add_argument("--modes", nargs="+", default=["none,int8,int4,w4a8"],
+                    help="quantization specs: none,int8,int4,w4a8 (comma-joined) and/or per-anchor ones, each its "
+                         "own value (small=int8,large=w4a8)")
     ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4, help="timed decode steps per measurement per round")
@@ -223,7 +226,7 @@ def main() -> None:
     t_start = time.time()
     env = env_info("cpu")
     bw = read_bandwidth(torch.device("cpu"), 1 << 30, repeats=3)
-    base_modes = args.modes.split(",")
+    base_modes = split_modes(args.modes)
     compiled = [m for m in args.compile.split(",") if m]
     hf_blocks = [m for m in args.hf_blocks.split(",") if m]
     modes = base_modes + [f"{m}+compile" for m in compiled] + [f"{m}+hf-blocks" for m in hf_blocks]
@@ -335,7 +338,7 @@ def main() -> None:
     prof = None
     if args.profile:
         prof = {}
-        for mode in [m for m in ("none", "int4+hf-blocks", "int4", "int4+compile") if m in modes]:
+        for mode in [m for m in ("none", "int4+hf-blocks", "int4", "int4+compile", "w4a8") if m in modes]:
             for sid in ("small", "large"):
                 for n in (1, args.batch):
                     prof[f"{mode} {sid} batch {n}"] = step_profile(rts[mode].model, sid, prompts[:n], **kw[mode])

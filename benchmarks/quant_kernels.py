@@ -7,6 +7,8 @@ y = x W^T at batch 1 and 8 with bf16 activations for:
 - `torch._weight_int8pack_mm` (int8 codes, per-channel scales),
 - `aten._weight_int4pack_mm_for_cpu` (int4 codes, group-wise scale + zero; group 32 / 64 / 128),
 - `aten._dyn_quant_matmul_4bit` (int4 weights with dynamically quantized activations),
+- stitchserve's `w4a8` kernel (stitchlib/kernels/w4a8.cpp: the int4 codes x int8-rounded activations,
+  integer dot products with AVX512-VNNI),
 - bitsandbytes 0.50 `Linear8bitLt` / `Linear4bit` (nf4) on CPU,
 - torchao's `Int8WeightOnlyConfig` / `Int4WeightOnlyConfig` (if importable; pass --torchao-path).
 
@@ -78,8 +80,10 @@ def rotating(make, nbytes: int, min_bytes: int):
     return call
 
 
-def make_kernels(N: int, K: int, groups: tuple[int, ...], torchao_ok: bool, min_bytes: int) -> dict:
-    """name -> (callable(x) -> y, bytes of weight data one call reads)."""
+def make_kernels(N: int, K: int, groups: tuple[int, ...], torchao_ok: bool, min_bytes: int,
+                 only: tuple[str, ...] = ()) -> dict:
+    """name -> (callable(x) -> y, bytes of weight data one call reads); `only`: the kernels whose name
+    contains one of these (the slow paths skipped)."""
     from stitchlib.quant import QuantLinear
 
     def lin(i: int) -> nn.Linear:
@@ -98,6 +102,15 @@ def make_kernels(N: int, K: int, groups: tuple[int, ...], torchao_ok: bool, min_
             out[f"int4 _weight_int4pack_mm_for_cpu g{g}"] = (
                 rotating(lambda i, g=g: QuantLinear.from_linear(lin(i), "int4", group_size=g), q4.weight_bytes(),
                          min_bytes), q4.weight_bytes())
+    for g in groups:
+        if K % g == 0 and N % 16 == 0:
+            qa = QuantLinear.from_linear(lin(0), "w4a8", group_size=g)
+            out[f"w4a8 stitchserve VNNI g{g}"] = (
+                rotating(lambda i, g=g: QuantLinear.from_linear(lin(i), "w4a8", group_size=g), qa.weight_bytes(),
+                         min_bytes), qa.weight_bytes())
+    if only:
+        out = {k: v for k, v in out.items() if any(s in k for s in only)}
+        return out
     # The paths below are 10-100x slower than the ones above; one copy each is enough to show it.
     try:  # int4 weights x int8 dynamically quantized activations (KleidiAI on Arm; reference elsewhere)
         g = 32
@@ -154,6 +167,8 @@ def main() -> None:
     ap.add_argument("--models", default="0.5b,1.5b")
     ap.add_argument("--min-mb", type=int, default=256, help="rotate over weight copies of at least this many MB "
                                                               "(8x the L3) so no kernel reads from cache")
+    ap.add_argument("--only", default="", help="comma-separated name parts: time only those kernels (e.g. bf16,int4,w4a8)")
+    ap.add_argument("--name", default=None, help="result name (default quant_kernels_t<threads>)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,7 +193,8 @@ def main() -> None:
                   "lm_head": spec["head"]}  # up = gate, k = v in shape
         for lname, (N, K) in shapes.items():
             try:
-                kernels = make_kernels(N, K, groups, torchao_ok, args.min_mb << 20)
+                kernels = make_kernels(N, K, groups, torchao_ok, args.min_mb << 20,
+                                       tuple(s for s in args.only.split(",") if s))
             except Exception:  # noqa: BLE001
                 errors[f"{model}.{lname}"] = traceback.format_exc(limit=2)
                 continue
@@ -219,7 +235,7 @@ def main() -> None:
            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torchao": torchao_note,
            "rows": rows, "matmul_ms_per_token_estimate": summary, "errors": errors, "wall_s": time.time() - t_start}
     res["env"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    path = write_result(f"quant_kernels_t{args.threads}", res, args.out)
+    path = write_result(args.name or f"quant_kernels_t{args.threads}", res, args.out)
     for model, per_b in summary.items():
         for b, ks in per_b.items():
             print(f"\n{model} {b}: matmul ms per step (blocks + head)")

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from engine_common import env_info, write_result
+from engine_common import env_info, split_modes, write_result
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -36,7 +36,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("palette")
     ap.add_argument("--examples", type=int, default=40)
-    ap.add_argument("--modes", default="none,int8,int4")
+    ap.add_argument("--modes", nargs="+", default=["none,int8,int4"],
+                    help="quantization specs: plain modes comma-joined, per-anchor ones (small=int8,large=w4a8) each "
+                         "its own value")
     ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -59,7 +61,7 @@ def main() -> None:
     val = val[:args.examples]
     ids = [s.id for s in man.deployed()]
     res: dict[str, dict] = {}
-    for mode in args.modes.split(","):
+    for mode in split_modes(args.modes):
         t0 = time.time()
         rt = PaletteRuntime.load(args.palette, quantize=mode, group_size=args.group_size)
         t_load = time.time() - t0

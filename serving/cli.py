@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from stitchlib.types import quantize_arg
+
 log = logging.getLogger(__name__)
 
 
@@ -43,8 +45,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     rt.add_argument("--num-gpus", type=float, help="GPUs per replica")
     rt.add_argument("--device", help="cpu | cuda (default cpu)")
     rt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    rt.add_argument("--quantize", choices=["none", "int8", "int4"],
-                    help="weight-only quantized anchors (default none; benchmarks/QUANT.md)")
+    rt.add_argument("--quantize", type=quantize_arg, metavar="{none,int8,int4,w4a8} | small=MODE,large=MODE",
+                    help="quantized anchors, one mode or one per anchor (default none; benchmarks/QUANT.md)")
     rt.add_argument("--default-budget", help="X-Compute-Budget applied when a request sends none")
     rt.add_argument("--max-batch-size", type=int)
     ray_g = p.add_argument_group("Ray")

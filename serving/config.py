@@ -22,7 +22,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator,
                       model_validator)
 
-from stitchlib.types import EngineConfig
+from stitchlib.types import EngineConfig, canonical_quantize
 
 from .budget import BudgetError, try_parse_budget
 from .stitch_router import PercentBasis
@@ -163,9 +163,10 @@ class PaletteDeploymentConfig(_Strict):
     task: Literal["chat", "classify"] | None = Field(None, description="default: from the manifest")
     device: str = "cpu"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    quantize: Literal["none", "int8", "int4"] = Field("none", description="anchors' linears held as weight-only "
-                                                      "int8 / int4 codes after the LoRA merge; stitching layers and "
-                                                      "stitch-specific biases stay exact (benchmarks/QUANT.md)")
+    quantize: str = Field("none", description="anchors' linears held as weight-only int8 / int4 codes, or int4 "
+                          "codes multiplied with int8-rounded activations (w4a8), after the LoRA merge: one of "
+                          "none, int8, int4, w4a8, or one per anchor (small=int8,large=w4a8); stitching layers and "
+                          "stitch-specific biases stay exact (benchmarks/QUANT.md)")
     # routing
     default_budget: str | None = Field(None, description="X-Compute-Budget applied when a request has none")
     percent_basis: PercentBasis = Field("gflops", description="what a '<n>%' budget is a share of")
@@ -278,6 +279,11 @@ class PaletteDeploymentConfig(_Strict):
         if self.max_prompt_tokens is not None:
             return self.max_prompt_tokens + self.max_tokens_limit
         return DEFAULT_SLOT_POSITIONS
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, v: str) -> str:
+        return canonical_quantize(v)  # ValueError: the spec's own message
 
     @field_validator("default_budget")
     @classmethod

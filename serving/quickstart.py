@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stitchlib.types import quantize_arg
+
 DEFAULT_SMALL, DEFAULT_LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 PROMPT = "Write a Python function that returns the square of a number."
 # benchmarks/QUANT.md: decode speed and per-stitch quality of each mode on this pair
@@ -41,8 +43,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="held-out chat examples measuring the routes (the deployment gate), in slices of 24: "
                         "the first measures every route, each next one only those not clearly worse than the "
                         "small anchor so far")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default=DEFAULT_QUANTIZE,
-                   help=f"weight-only quantized anchors (default {DEFAULT_QUANTIZE}: measured in benchmarks/QUANT.md)")
+    p.add_argument("--quantize", type=quantize_arg, default=DEFAULT_QUANTIZE,
+                   metavar="{none,int8,int4,w4a8} | small=MODE,large=MODE",
+                   help=f"quantized anchors (default {DEFAULT_QUANTIZE}: measured in benchmarks/QUANT.md)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running at the end")

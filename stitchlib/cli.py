@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from .errors import StitchError
+from .types import quantize_arg, quantize_suffix
 
 
 def _cmd_stitches(args: argparse.Namespace) -> int:
@@ -113,7 +114,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                                    batch_sizes=tuple(sorted(set(args.batch_sizes)))))
     meta = {**rt.profile_meta(), "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
             "batch_sizes": sorted(set(args.batch_sizes))}
-    suffix = "" if args.quantize == "none" else f"-{args.quantize}"
+    suffix = quantize_suffix(args.quantize)
     out = save_profile(args.out or Path(args.palette) / f"profile-{meta['device_type']}{suffix}.json", profiles, meta)
     if args.json:
         print(out.read_text())
@@ -161,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="table to write (default: PALETTE/profile-<device type>[-<quantize>].json)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    s.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantized anchors, as serving loads them (benchmarks/QUANT.md)")
+    s.add_argument("--quantize", default="none", type=quantize_arg, metavar="{none,int8,int4,w4a8} | small=MODE,large=MODE",
+                   help="quantized anchors, as serving loads them (benchmarks/QUANT.md)")
     s.add_argument("--prompt-len", type=int, default=32)
     s.add_argument("--decode-steps", type=int, default=8)
     s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])

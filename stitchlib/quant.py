@@ -9,6 +9,12 @@ kernels, picked by measurement (benchmarks/QUANT.md):
   per group of `group_size` input columns; codes q in [0, 15], dequantized w = (q - 8) * scale + zero
   (the layout of those kernels' `qScaleAndZeros` [K / group_size, N, 2]).
 
+- w4a8: the int4 codes, multiplied with the activations quantized per call to int8 per row and group
+  (`round(x * 127 / amax)`), as integer dot products (`stitchlib/kernels/w4a8.cpp`, AVX512-VNNI, built
+  on first use). Not weight-only: the activation rounding is part of the arithmetic (`w4a8_reference`
+  is that arithmetic in pure torch). Why: torch's int4 kernel is arithmetic-bound past 4 rows, this one
+  reads each weight once for up to 8 rows (benchmarks/QUANT.md section 4c).
+
 Where a kernel is missing (int8 on CUDA, an odd shape, an unsupported dtype) the layer keeps the codes
 as they are and dequantizes per call in pure torch (`backend = "reference"`), with one log line saying
 so. The same pure-torch dequantization (`dequantize`) is the reference the tests hold the kernels to.
@@ -28,19 +34,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .kernels import w4a8_kernel
 from .pst import PSTLinear
+from .types import QUANT_MODES, QuantMode, parse_quantize
 
 log = logging.getLogger(__name__)
 
-QuantMode = Literal["none", "int8", "int4"]
-QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4")
+INT4_CODES = ("int4", "w4a8")  # the modes holding int4 group-wise codes
 DEFAULT_GROUP_SIZE = 32  # llama.cpp's block size; 64 / 128 read 5-8 % fewer bytes but decode no faster here
                          # (benchmarks/QUANT.md, kernel table), and finer groups lose less quality
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -57,6 +63,9 @@ _INT4_MM_CPU = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 _INT4_MM_CUDA = torch.ops.aten._weight_int4pack_mm.default
 
 
+_WARNED: set[tuple[str, str, str]] = set()
+
+
 def check_mode(mode: str) -> QuantMode:
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -68,7 +77,7 @@ class QuantizedWeight:
     """Codes and scales of one [N, K] weight, kernel-independent (the reference's input).
 
     int8: codes int8 [N, K], scales [N], zeros None.
-    int4: codes uint8 [N, K] in 0..15, scales / zeros [N, K // group_size]."""
+    int4 / w4a8: codes uint8 [N, K] in 0..15, scales / zeros [N, K // group_size]."""
 
     mode: QuantMode
     codes: torch.Tensor
@@ -89,7 +98,7 @@ def quantize_weight(w: torch.Tensor, mode: QuantMode, *, group_size: int = DEFAU
         scale = (w.abs().amax(1) / 127).clamp(min=1e-8).to(scale_dtype)  # [N]
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         return QuantizedWeight("int8", q, scale, None, None)
-    if mode == "int4":
+    if mode in INT4_CODES:
         if K % group_size:
             raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
         g = w.view(N, K // group_size, group_size)
@@ -98,7 +107,7 @@ def quantize_weight(w: torch.Tensor, mode: QuantMode, *, group_size: int = DEFAU
         zero = (lo + 8 * scale.float()).to(scale_dtype)  # the value code 8 stands for
         s, z = scale.float()[..., None], zero.float()[..., None]
         q = torch.round((g - (z - 8 * s)) / s).clamp(0, 15).to(torch.uint8).view(N, K)
-        return QuantizedWeight("int4", q, scale, zero, group_size)
+        return QuantizedWeight(mode, q, scale, zero, group_size)
     raise ValueError(f"cannot quantize to {mode!r}")
 
 
@@ -111,6 +120,57 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     q = qw.codes.view(N, K // gs, gs).float()
     w = (q - 8) * qw.scales.float()[..., None] + qw.zeros.float()[..., None]
     return w.view(N, K).to(dtype)
+
+
+def quantize_activations(x2: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w4a8's activation rounding, as the kernel does it: x2 [M, K] -> (codes [M, K/g, g] float holding
+    integers in -127..127, scales sa [M, K/g], float sums [M, K/g]); x ~= sa * codes per group."""
+    M, K = x2.shape
+    xf = x2.float().view(M, K // group_size, group_size)
+    amax = xf.abs().amax(-1, keepdim=True)
+    # 127 / amax as a true division, as the kernel computes it (`scalar / tensor` is reciprocal x scalar,
+    # one ulp off sometimes, and a code at a rounding tie then differs)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div_(amax), torch.zeros_like(amax))
+    asum = xf[..., 0].clone()
+    for k in range(1, group_size):  # one input at a time, the kernel's order
+        asum += xf[..., k]
+    return torch.round(xf * inv).clamp_(-127, 127), (amax / 127)[..., 0], asum
+
+
+def w4a8_reference(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """The w4a8 kernel's arithmetic in pure torch, float32 [M, N], bit for bit: per group g,
+    sum(q * qa) * (s * sa) + (z - 8 s) * sum(x), the integer sums exact (float64 holds them), every float
+    operation rounded on its own (no fused multiply-add), the groups added one at a time in order."""
+    gs = qw.group_size
+    N, K = qw.codes.shape
+    qa, sa, asum = quantize_activations(x2, gs)
+    idot = torch.einsum("mgk,ngk->mng", qa.double(), qw.codes.view(N, K // gs, gs).double()).float()
+    s, z = qw.scales.float(), qw.zeros.float()
+    t = idot * (s[None] * sa[:, None])  # [M, N, K/g]
+    u = (z - 8 * s)[None] * asum[:, None]
+    acc = torch.zeros(x2.shape[0], N)
+    for g in range(K // gs):
+        acc = acc + t[..., g]
+        acc = acc + u[..., g]
+    return acc
+
+
+def pack_w4a8(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The w4a8 kernel's layouts (stitchlib/kernels/w4a8.cpp): codes -> uint8 [N/16, K/8, 64] (byte
+    c*4+t of vector (b, j): code[16b+c, 8j+t] low nibble, code[16b+c, 8j+4+t] high nibble), scales and
+    zeros -> [N/16, K/g, 2, 16] in `dtype`."""
+    N, K = qw.codes.shape
+    c = qw.codes.view(N // 16, 16, K // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [b, j, c, t, half]
+    packed = (c[..., 0] | (c[..., 1] << 4)).reshape(N // 16, K // 8, 64).contiguous()
+    s, z = (t.view(N // 16, 16, K // qw.group_size).permute(0, 2, 1) for t in (qw.scales, qw.zeros))
+    return packed, torch.stack([s, z], 2).to(dtype).contiguous()
+
+
+def unpack_w4a8(packed: torch.Tensor) -> torch.Tensor:
+    """pack_w4a8's codes back: [N/16, K/8, 64] -> [N, K] uint8."""
+    nb, k8, _ = packed.shape
+    c = torch.stack([packed & 15, packed >> 4], -1).view(nb, k8, 16, 4, 2)  # [b, j, c, t, half]
+    return c.permute(0, 2, 1, 4, 3).reshape(nb * 16, k8 * 8)
 
 
 def _pack_int4_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -131,9 +191,12 @@ class QuantLinear(nn.Module):
                                                            requires_grad=False)
         dev = torch.device(device)
         self.backend, why = ("reference", "asked for") if reference else self._pick_backend(dev, compute_dtype)
-        if self.backend == "reference":
-            log.info("%s: %s %sx%s on %s runs the pure-torch dequantizing path (%s)", name or "QuantLinear",
-                     self.mode, self.out_features, self.in_features, dev.type, why)
+        if self.backend == "reference":  # a missing kernel is worth a warning (it is slow), once per reason
+            warn = not reference and (self.mode, dev.type, why) not in _WARNED
+            _WARNED.add((self.mode, dev.type, why))
+            (log.warning if warn else log.info)(
+                "%s: %s %sx%s on %s runs the pure-torch path (%s)%s", name or "QuantLinear", self.mode,
+                self.out_features, self.in_features, dev.type, why, " (and so may other layers)" if warn else "")
         codes = qw.codes.to(dev)
         if self.mode == "int8":
             self.register_buffer("qweight", codes.contiguous())  # [N, K] int8
@@ -142,6 +205,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", _pack_int4_nibbles(codes))  # [N, K/2] uint8
             self.register_buffer("scales", qw.scales.to(dev, compute_dtype))  # [N, K/g]
             self.register_buffer("zeros", qw.zeros.to(dev, compute_dtype))
+        elif self.mode == "w4a8":
+            packed, sz = pack_w4a8(qw, compute_dtype)
+            self.register_buffer("qweight", packed.to(dev))  # [N/16, K/8, 64] uint8
+            self.register_buffer("scale_zeros", sz.to(dev))  # [N/16, K/g, 2, 16]
         else:
             if dev.type == "cuda":
                 packed = torch.ops.aten._convert_weight_to_int4pack(_pack_int4_nibbles(codes), _INNER_K_TILES)
@@ -158,6 +225,15 @@ class QuantLinear(nn.Module):
             if dev.type == "cpu":
                 return "packed", ""
             return "reference", "torch has no int8 weight-only kernel for this device"
+        if self.mode == "w4a8":
+            if dev.type != "cpu":
+                return "reference", "the w4a8 kernel is a CPU kernel"
+            if dtype not in (torch.bfloat16, torch.float32):
+                return "reference", f"the w4a8 kernel takes float32 or bfloat16, not {dtype}"
+            if self.out_features % 16 or self.group_size % 8:
+                return "reference", "shape not a multiple of the w4a8 kernel's tile"
+            op, why = w4a8_kernel()
+            return ("packed", "") if op is not None else ("reference", why)
         if dev.type == "cpu":
             if dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 return "reference", f"dtype {dtype}"
@@ -186,20 +262,30 @@ class QuantLinear(nn.Module):
             return self.qweight.float() * self.scales.float()[:, None]
         if self.backend == "reference":
             return self._ref_weight(torch.float32)
+        if self.mode == "w4a8":
+            sz = self.scale_zeros.permute(0, 3, 1, 2).reshape(self.out_features, -1, 2)  # [N, K/g, 2]
+            return dequantize(QuantizedWeight("w4a8", unpack_w4a8(self.qweight), sz[..., 0], sz[..., 1],
+                                              self.group_size))
         eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.qweight.device)
         return self._matmul(eye).float().t().contiguous()
+
+    def _ref_codes(self) -> QuantizedWeight:  # the reference backend's int4 / w4a8 codes
+        hi, lo = self.qweight >> 4, self.qweight & 15
+        codes = torch.stack([hi, lo], -1).view(self.out_features, self.in_features)
+        return QuantizedWeight(self.mode, codes, self.scales, self.zeros, self.group_size)
 
     def _ref_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.mode == "int8":
             return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
-        hi, lo = self.qweight >> 4, self.qweight & 15
-        codes = torch.stack([hi, lo], -1).view(self.out_features, self.in_features)
-        qw = QuantizedWeight("int4", codes, self.scales, self.zeros, self.group_size)
-        return dequantize(qw, dtype)
+        return dequantize(self._ref_codes(), dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:  # x2: [M, K] compute dtype -> [M, N]
         if self.backend == "reference":
+            if self.mode == "w4a8":
+                return w4a8_reference(x2, self._ref_codes()).to(x2.dtype)
             return F.linear(x2, self._ref_weight(x2.dtype))
+        if self.mode == "w4a8":
+            return w4a8_kernel()[0](x2, self.qweight, self.scale_zeros, self.group_size)
         if self.mode == "int8":
             if x2.shape[0] >= DENSE_ROWS:
                 return F.linear(x2, self.qweight.to(x2.dtype) * self.scales[:, None])
@@ -219,7 +305,7 @@ class QuantLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        gs = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        gs = f", group_size={self.group_size}" if self.mode in INT4_CODES else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{gs}, "
                 f"backend={self.backend}, bias={self.bias is not None}")
 
@@ -314,7 +400,7 @@ def _head_mode(mode: QuantMode, head_mode: QuantMode | None) -> QuantMode | None
 def _layer_mode(mode: QuantMode, lin: nn.Linear, group_size: int) -> QuantMode:
     """int4 needs whole groups along the input and (torch's CPU packing) an output size divisible by
     16; a layer without them is held as int8 instead."""
-    if mode == "int4" and (lin.in_features % group_size or lin.out_features % 16):
+    if mode in INT4_CODES and (lin.in_features % group_size or lin.out_features % 16):
         return "int8"
     return mode
 
@@ -413,28 +499,37 @@ def quantize_anchor_linears_(anchor, mode: QuantMode, *, group_size: int = DEFAU
 
 
 @torch.no_grad()
-def quantize_model_(model, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
+def quantize_model_(model, mode: str, *, group_size: int = DEFAULT_GROUP_SIZE,
                     head_mode: QuantMode | None = None, progress: bool = False, fuse: bool = True) -> dict:
-    """Quantize both anchors of a StitchedLM for serving (after `merge_lora_`). Stitching layers and
-    stitch-specific biases are untouched. -> {"small": summary, "large": summary}."""
-    check_mode(mode)
+    """Quantize both anchors of a StitchedLM for serving (after `merge_lora_`). `mode`: one mode for
+    both anchors or one per anchor ("small=int8,large=w4a8", stitchlib.types.parse_quantize).
+    Stitching layers and stitch-specific biases are untouched. -> {"small": summary, "large": summary}."""
+    modes = dict(zip(("small", "large"), parse_quantize(mode)))
     unmerged = [m for m in [*model.pst_small, *model.pst_large] if m.lora_a is not None]
     if unmerged:
         raise ValueError("merge LoRA (model.merge_lora_()) before quantizing: the merge needs float weights")
-    return {role: quantize_anchor_linears_(a, mode, group_size=group_size, head_mode=head_mode, progress=progress,
-                                           fuse=fuse)
+    return {role: quantize_anchor_linears_(a, modes[role], group_size=group_size, head_mode=head_mode,
+                                           progress=progress, fuse=fuse)
             for role, a in (("small", model.small_anchor), ("large", model.large_anchor))}
 
 
 @torch.no_grad()
-def fake_quantize_(model, mode: QuantMode, *, group_size: int = DEFAULT_GROUP_SIZE,
+def fake_quantize_(model, mode: str, *, group_size: int = DEFAULT_GROUP_SIZE,
                    head_mode: QuantMode | None = None) -> None:
     """The reference model: every linear `quantize_model_` would swap keeps its nn.Linear but holds
-    the pure-torch dequantized weight instead (same codes, same scales)."""
-    head_mode = _head_mode(mode, head_mode)
-    for anchor in (model.small_anchor, model.large_anchor):
-        for parent, attr, lin, _ in _targets(anchor, head=head_mode is not None):
-            m = _layer_mode(head_mode if attr == "lm_head" and parent is anchor.model else mode, lin, group_size)
+    the pure-torch dequantized weight instead (same codes, same scales). w4a8, whose activations are
+    rounded too, becomes a QuantLinear on the pure-torch path (`w4a8_reference`), one per HF linear."""
+    for anchor, amode in zip((model.small_anchor, model.large_anchor), parse_quantize(mode)):
+        if amode == "none":
+            continue
+        ahead = _head_mode(amode, head_mode)
+        for parent, attr, lin, name in _targets(anchor, head=ahead is not None):
+            m = _layer_mode(ahead if attr == "lm_head" and parent is anchor.model else amode, lin, group_size)
+            if m == "w4a8":
+                setattr(parent, attr, QuantLinear.from_linear(lin, m, group_size=group_size, name=name, reference=True))
+                if attr == "lm_head" and parent is anchor.model:
+                    parent.config.tie_word_embeddings = False
+                continue
             qw = quantize_weight(lin.weight, m, group_size=group_size, scale_dtype=lin.weight.dtype)
             w = dequantize(qw, lin.weight.dtype)
             if attr == "lm_head" and parent is anchor.model:

@@ -17,8 +17,8 @@ from .engine.profile import device_info, load_profile, profile_stitches, table_p
 from .errors import PaletteError
 from .model import StitchedLM
 from .palette import PaletteManifest, StitchEntry, load_palette, read_manifest
-from .quant import DEFAULT_GROUP_SIZE, check_mode, quantize_model_
-from .types import MAX_TOP_LOGPROBS, SamplingParams, StitchProfile
+from .quant import DEFAULT_GROUP_SIZE, quantize_model_
+from .types import MAX_TOP_LOGPROBS, SamplingParams, StitchProfile, canonical_quantize
 
 __all__ = ["MAX_TOP_LOGPROBS", "PaletteRuntime", "SamplingParams", "StitchInfo", "StitchProfile", "stitch_infos"]
 
@@ -61,11 +61,12 @@ class PaletteRuntime:
     @classmethod
     def load(cls, palette_dir: str | Path, *, device: str = "cpu", dtype: str = "bfloat16",
              quantize: str = "none", group_size: int | None = None, progress: bool = False) -> "PaletteRuntime":
-        """quantize: "none" | "int8" | "int4": the anchors' decoder-block linears held as weight-only
-        int8 / int4 (group-wise, `group_size`) codes, the LM heads too, AFTER the LoRA merge;
-        stitching layers and stitch-specific biases stay exact (stitchlib/quant.py)."""
+        """quantize: "none" | "int8" | "int4" | "w4a8", or one per anchor ("small=int8,large=w4a8"): the
+        anchors' decoder-block linears held as int8 / int4 (group-wise, `group_size`) codes, the LM heads
+        too, AFTER the LoRA merge; stitching layers and stitch-specific biases stay exact
+        (stitchlib/quant.py). Recorded in its canonical spelling (`canonical_quantize`)."""
         try:
-            quantize = check_mode(quantize)
+            quantize = canonical_quantize(quantize)
         except ValueError as e:
             raise PaletteError(str(e)) from None
         manifest = read_manifest(palette_dir)

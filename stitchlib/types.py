@@ -3,12 +3,60 @@ profile, the engine's config): no torch, no imports from the rest of
 stitchlib, so that every module can depend on them without a cycle (runtime -> engine -> types)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
 # torch.compile modes that capture their own CUDA graphs (copying inputs every call): DecodeGraphs
 # captures the whole step instead, so compiled blocks must not
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+# How the anchors' linears are held for serving (stitchlib.quant): float, int8 / int4 weight-only, or
+# int4 weights with int8-rounded activations (integer dot products). Here, torch-free, for the CLIs.
+QuantMode = Literal["none", "int8", "int4", "w4a8"]
+QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4", "w4a8")
+
+
+def parse_quantize(spec: str) -> tuple[str, str]:
+    """A quantization spec -> (small anchor's mode, large anchor's mode). The spec is one mode for both
+    anchors ("w4a8") or one per anchor ("small=int8,large=w4a8"): the 0.5B anchor loses more to int4
+    than the 1.5B one (benchmarks/QUANT.md section 2), so a pair may hold them differently."""
+    def mode(m: str) -> str:
+        if m not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {m!r}; choose one of {', '.join(QUANT_MODES)}, "
+                             "or one per anchor: small=MODE,large=MODE")
+        return m
+
+    spec = str(spec).strip()
+    if "=" not in spec:
+        return mode(spec), mode(spec)
+    parts = dict(p.strip().split("=", 1) if "=" in p else (p.strip(), "") for p in spec.split(","))
+    if set(parts) != {"small", "large"} or len(spec.split(",")) != 2:
+        raise ValueError(f"quantization {spec!r}: per anchor it reads small=MODE,large=MODE")
+    return mode(parts["small"].strip()), mode(parts["large"].strip())
+
+
+def canonical_quantize(spec: str) -> str:
+    """The spec's one spelling (what profile tables record and compare): "w4a8" when both anchors
+    agree, else "small=int8,large=w4a8"."""
+    small, large = parse_quantize(spec)
+    return small if small == large else f"small={small},large={large}"
+
+
+def quantize_suffix(spec: str) -> str:
+    """File-name form of a canonical spec ("" for none): profile-cpu-<this>.json."""
+    spec = canonical_quantize(spec)
+    return "" if spec == "none" else "-" + spec.replace("=", "-").replace(",", "-")
+
+
+def quantize_arg(value: str) -> str:
+    """argparse `type=` for --quantize."""
+    import argparse
+
+    try:
+        return canonical_quantize(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class SamplingParams(BaseModel):

@@ -1,6 +1,7 @@
-"""Weight-only int8 / int4 serving (stitchlib.quant): the packed kernels against the pure-torch
-dequantized reference, greedy tokens of every tiny-pair stitch identical to the model holding the
-dequantized weights, what stays exact, and the mode's validation at every boundary. Tiny pair, CPU."""
+"""Quantized serving (stitchlib.quant): int8 / int4 weight-only and w4a8 (int4 codes x int8-rounded
+activations, stitchlib/kernels/w4a8.cpp). The kernels against the pure-torch reference, greedy tokens of
+every tiny-pair stitch identical to the reference model, what stays exact, and the mode's validation at
+every boundary. Tiny pair, CPU."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,8 @@ from torch import nn
 
 from conftest import randomize_pst
 from stitchlib.quant import (QuantLinear, QuantSlice, QuantizedWeight, check_mode, dequantize, fake_quantize_,
-                             quantize_model_, quantize_weight)
+                             pack_w4a8, quantize_activations, quantize_model_, quantize_weight, unpack_w4a8,
+                             w4a8_reference)
 from stitchlib.runtime import SamplingParams
 
 N_NEW = 8
@@ -70,6 +72,65 @@ def test_quant_linear_matches_dequantized_reference(mode, gs, shape, dtype, tol)
                                rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gs", [32, 64])
+@pytest.mark.parametrize("shape", [(16, 64), (96, 256), (48, 4096)])
+def test_w4a8_kernel_matches_its_pure_torch_arithmetic(shape, gs, dtype):
+    """The native kernel (AVX512-VNNI where the CPU has it) against `w4a8_reference`, bit for bit: every
+    row-tile size 1..8 and remainders past it, channel blocks not a multiple of the 4 / 8 taken at a
+    time, and a K long enough to be walked in two chunks (4096 inputs x 8 rows of int8 > 16 KB)."""
+    from stitchlib.kernels import w4a8_kernel
+
+    N, K = shape
+    torch.manual_seed(3)
+    lin = nn.Linear(K, N, bias=True).to(dtype).requires_grad_(False)
+    q = QuantLinear.from_linear(lin, "w4a8", group_size=gs)
+    assert w4a8_kernel()[1] == "" and q.backend == "packed"  # g++ and ninja are installed with the project
+    r = QuantLinear.from_linear(lin, "w4a8", group_size=gs, reference=True)
+    qw = quantize_weight(lin.weight, "w4a8", group_size=gs, scale_dtype=dtype)
+    assert torch.equal(unpack_w4a8(pack_w4a8(qw, dtype)[0]), qw.codes)
+    assert torch.equal(q.dequantized_weight(), dequantize(qw)) and torch.equal(r.dequantized_weight(), dequantize(qw))
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 13, 70):
+        x = torch.randn(rows, K).to(dtype)
+        x[0, :gs] = 0  # an all-zero group: scale 0, codes 0
+        want = (w4a8_reference(x, qw).to(dtype) + lin.bias)  # QuantLinear: the product in dtype, + bias
+        for layer in (q, r):
+            got = layer(x)
+            assert got.shape == (rows, N) and got.dtype == dtype
+            assert torch.equal(got, want), (rows, (got.float() - want.float()).abs().max())
+        # and it is the int4 weight-only product up to the activations' rounding (8 bits a group)
+        wo = torch.nn.functional.linear(x.float(), dequantize(qw), lin.bias.float())
+        assert (want.float() - wo).abs().max() < 0.03 * wo.abs().max()
+
+
+def test_w4a8_activation_rounding():
+    x = torch.tensor([[0.0] * 32 + [1.0, -2.0, 0.5] + [0.0] * 29])
+    qa, sa, asum = quantize_activations(x, 32)
+    assert qa.shape == (1, 2, 32) and torch.equal(sa, torch.tensor([[0.0, 2 / 127]]))
+    assert qa[0, 1, :3].tolist() == [64.0, -127.0, 32.0]  # 63.5 -> 64 and 31.75 -> 32 (to even / nearest)
+    assert torch.equal(asum, torch.tensor([[0.0, -0.5]])) and qa.abs().max() <= 127
+
+
+def test_w4a8_without_a_compiler_takes_the_pure_torch_path(tmp_path):
+    """No ninja / g++ on PATH: the layer says why and computes the same numbers in pure torch."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from torch import nn; from stitchlib.quant import QuantLinear, w4a8_reference, "
+            "quantize_weight\n"
+            "torch.manual_seed(0); lin = nn.Linear(64, 32).requires_grad_(False)\n"
+            "q = QuantLinear.from_linear(lin, 'w4a8'); x = torch.randn(3, 64)\n"
+            "want = w4a8_reference(x, quantize_weight(lin.weight, 'w4a8', scale_dtype=torch.float32)) + lin.bias\n"
+            "print(q.backend, float((q(x) - want).abs().max()))")
+    env = {**os.environ, "PATH": str(tmp_path), "STITCHSERVE_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    backend, err = out.stdout.split()
+    assert backend == "reference" and float(err) == 0.0
+    assert "cannot build C++ extensions here" in out.stderr and "pure-torch" in out.stderr
+
+
 @pytest.mark.parametrize("mode,gs", [("int8", None), ("int4", 32), ("int4", 128)])
 def test_quantization_error_is_at_most_half_a_step(mode, gs):
     torch.manual_seed(2)
@@ -92,28 +153,54 @@ def test_int4_needs_a_dividing_group_size():
         quantize_weight(torch.randn(8, 64), "int4", group_size=48)
 
 
+def _engine_greedy(model, sids, prompt, logprobs=None):
+    """{sid: [(token, logprob entry)]}: every stitch on `prompt` in one mixed engine batch."""
+    from stitchlib.engine import EngineConfig, StitchEngine
+
+    engine = StitchEngine(model, EngineConfig(max_slots=len(sids), max_seq_len=32, stitches=sids))
+    params = SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=logprobs)
+    rid = {engine.add_request(prompt, sid, params): sid for sid in sids}
+    got = {sid: [] for sid in sids}
+    while engine.has_unfinished():
+        step = engine.step()
+        for r, tok in step.tokens.items():
+            got[rid[r]].append((tok, step.logprobs.get(r)))
+    return got
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_greedy_tokens_of_every_stitch_equal_the_dequantized_model(mode):
     """Engine on the quantized pair (packed kernels), every stitch, against the reference decoder on the
     pair holding the same codes as float weights: identical greedy tokens."""
-    from stitchlib.engine import EngineConfig, StitchEngine
-
     qmodel, ref = _pair_model(mode), _pair_model(mode, fake=True)
     sids = [s.id for s in qmodel.stitches]
-    engine = StitchEngine(qmodel, EngineConfig(max_slots=len(sids), max_seq_len=32, stitches=sids))
-    prompts = _prompts(3)
-    for p in prompts:
-        rid = {engine.add_request(p, sid, SamplingParams(max_tokens=N_NEW, temperature=0.0)): sid for sid in sids}
-        got = {sid: [] for sid in sids}
-        while engine.has_unfinished():
-            for r, tok in engine.step().items():
-                got[rid[r]].append(tok)
+    for p in _prompts(3):
+        got = _engine_greedy(qmodel, sids, p)
         for sid in sids:  # all stitches in one mixed batch, each row against its stitch alone
             want = ref.generate(torch.tensor([p]), sid, max_new_tokens=N_NEW)[0].tolist()
-            assert got[sid] == want, (mode, sid, p)
+            assert [t for t, _ in got[sid]] == want, (mode, sid, p)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_w4a8_engine_equals_the_pure_torch_reference_model(dtype):
+    """w4a8 rounds each activation row to 8 bits, so a last-bit difference upstream (another attention
+    path, another reduction order) can move a code: the reference is the same engine over the pair
+    whose every linear is a separate pure-torch `w4a8_reference` layer (HF block calls, no kernel).
+    Every stitch in one mixed batch: the same tokens; logprobs equal but for the LM head (the tiny
+    vocabulary, 259, is no multiple of 16: an int8 head, packed kernel against the dequantized weight)."""
+    qmodel, ref = _pair_model("w4a8", dtype=dtype), _pair_model("w4a8", fake=True, dtype=dtype)
+    assert all(m.backend == "reference" for m in ref.modules() if isinstance(m, QuantLinear))
+    sids = [s.id for s in qmodel.stitches]
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for p in _prompts(3):
+        got, want = _engine_greedy(qmodel, sids, p, logprobs=2), _engine_greedy(ref, sids, p, logprobs=2)
+        for sid in sids:
+            assert [t for t, _ in got[sid]] == [t for t, _ in want[sid]], (sid, p)
+            for (_, a), (_, b) in zip(got[sid], want[sid]):
+                assert abs(a.logprob - b.logprob) < tol
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8"])
 def test_fused_projections_hold_the_separate_codes(mode):
     """q/k/v and gate/up quantized as one matrix: each output column equals the separate layer's, bit
     for bit, for decode- and prefill-sized inputs; the storage is the same size; the HF modules read
@@ -139,7 +226,7 @@ def test_fused_projections_hold_the_separate_codes(mode):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8"])
 def test_fast_blocks_give_the_hf_block_call_s_numbers(mode, dtype):
     """The engine's fast block (stitchlib.engine.blocks: fused layers, HF's ops without the module calls)
     in prefill and decode, every stitch in one mixed batch: tokens and logprobs equal, bit for bit, to
@@ -233,7 +320,7 @@ def test_runtime_cli_and_config_take_the_mode_and_refuse_unknown_ones(tmp_path, 
 
     with pytest.raises(SystemExit) as e:
         main(["profile", str(pal), "--quantize", "int3"])
-    assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+    assert e.value.code == 2 and "unknown quantization 'int3'" in capsys.readouterr().err
     table = tmp_path / "t.json"
     assert main(["profile", str(pal), "--out", str(table), "--dtype", "float32", "--quantize", "int8",
                  "--prompt-len", "4", "--decode-steps", "1", "--batch-sizes", "1", "--json"]) == 0
@@ -249,5 +336,54 @@ def test_runtime_cli_and_config_take_the_mode_and_refuse_unknown_ones(tmp_path, 
 
     cfg = ServeConfig.validate_dict({"palettes": [{"path": str(pal), "quantize": "int4"}]})
     assert cfg.palettes[0].quantize == "int4"
+    cfg = ServeConfig.validate_dict({"palettes": [{"path": str(pal), "quantize": "large=w4a8, small=int8"}]})
+    assert cfg.palettes[0].quantize == "small=int8,large=w4a8"  # the canonical spelling
     with pytest.raises(ServeConfigError, match="quantize"):
         ServeConfig.validate_dict({"palettes": [{"path": str(pal), "quantize": "fp8"}]})
+    with pytest.raises(ServeConfigError, match="small=MODE,large=MODE"):
+        ServeConfig.validate_dict({"palettes": [{"path": str(pal), "quantize": "small=int8"}]})
+
+
+def test_per_anchor_quantization(tmp_path):
+    """small=int8,large=w4a8: each anchor's linears in its own mode (the spec parsed and spelled one way
+    everywhere); the engine's greedy tokens equal the reference model's quantized the same way; the
+    profile table is named and checked by the spec."""
+    import json
+
+    from stitchlib.cli import main
+    from stitchlib.runtime import PaletteRuntime
+    from stitchlib.types import canonical_quantize, parse_quantize, quantize_suffix
+    from training.init_palette import init_palette
+
+    assert parse_quantize("w4a8") == ("w4a8", "w4a8") and parse_quantize(" large=int4,small=none ") == ("none", "int4")
+    assert canonical_quantize("small=w4a8,large=w4a8") == "w4a8" and canonical_quantize("none") == "none"
+    assert quantize_suffix("large=w4a8,small=int8") == "-small-int8-large-w4a8" and quantize_suffix("none") == ""
+    for bad, msg in (("small=int8,large=int3", "unknown quantization 'int3'"), ("small=int8,medium=w4a8", "reads"),
+                     ("small=int8,large=w4a8,large=int4", "reads"), ("int8,w4a8", "unknown quantization")):
+        with pytest.raises(ValueError, match=msg):
+            parse_quantize(bad)
+
+    spec = "small=int8,large=w4a8"
+    model = _pair_model(spec)
+    # the reference: the same packed int8 small anchor, the large one on w4a8's pure-torch path (a last-bit
+    # difference upstream of w4a8's activation rounding could move a code, so the small side is shared)
+    ref = _pair_model("small=int8,large=none")
+    fake_quantize_(ref, "small=none,large=w4a8")
+    modes = {role: {m.mode for m in a.model.modules() if isinstance(m, QuantLinear)}
+             for role, a in (("small", model.small_anchor), ("large", model.large_anchor))}
+    assert modes == {"small": {"int8"}, "large": {"w4a8", "int8"}}  # the tiny large head (259 rows): int8
+    sids = [s.id for s in model.stitches]
+    for p in _prompts(2):
+        got, want = _engine_greedy(model, sids, p), _engine_greedy(ref, sids, p)
+        assert {s: [t for t, _ in v] for s, v in got.items()} == {s: [t for t, _ in v] for s, v in want.items()}
+
+    pal = init_palette(tmp_path / "pal", n_calibration=4, progress=False, dtype="float32", n_validation=0)
+    rt = PaletteRuntime.load(pal, dtype="float32", quantize="large=w4a8,small=int8")
+    assert rt.quantize == spec and rt.profile_meta()["quantize"] == spec
+    assert main(["profile", str(pal), "--dtype", "float32", "--quantize", "large=w4a8,small=int8",
+                 "--prompt-len", "4", "--decode-steps", "1", "--batch-sizes", "1", "--json"]) == 0
+    table = pal / "profile-cpu-small-int8-large-w4a8.json"
+    assert json.loads(table.read_text())["meta"]["quantize"] == spec
+    assert isinstance(rt.load_profile_table(table), dict)
+    w4 = PaletteRuntime.load(pal, dtype="float32", quantize="w4a8")
+    assert "measured with quantize 'small=int8,large=w4a8', this runtime has 'w4a8'" in w4.load_profile_table(table)
