@@ -112,7 +112,8 @@ def test_w4a8_activation_rounding():
 
 
 def test_w4a8_without_a_compiler_takes_the_pure_torch_path(tmp_path):
-    """No ninja / g++ on PATH: the layer says why and computes the same numbers in pure torch."""
+    """No g++ on PATH (ninja may still be found next to this Python): the layer says why and computes
+    the same numbers in pure torch."""
     import os
     import subprocess
     import sys
@@ -128,7 +129,8 @@ def test_w4a8_without_a_compiler_takes_the_pure_torch_path(tmp_path):
     assert out.returncode == 0, out.stderr
     backend, err = out.stdout.split()
     assert backend == "reference" and float(err) == 0.0
-    assert "cannot build C++ extensions here" in out.stderr and "pure-torch" in out.stderr
+    assert ("cannot build C++ extensions here" in out.stderr or "building w4a8.cpp failed" in out.stderr) \
+        and "pure-torch" in out.stderr
 
 
 @pytest.mark.parametrize("mode,gs", [("int8", None), ("int4", 32), ("int4", 128)])

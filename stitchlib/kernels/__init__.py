@@ -16,7 +16,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -47,10 +50,30 @@ def build_dir() -> Path:
     return cache_root() / "kernels" / f"w4a8-{key}"
 
 
+def _ninja_on_path() -> None:
+    """torch's tooling runs `ninja` from PATH; the `ninja` package (a dependency) installs it next to
+    this Python, which is not on PATH when Python was started by its full path: add that directory."""
+    if shutil.which("ninja"):
+        return
+    dirs = [str(Path(sys.executable).parent)]
+    try:
+        import ninja
+
+        dirs.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    for d in dirs:
+        if shutil.which("ninja", path=d):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            log.info("ninja found in %s (added to PATH)", d)
+            return
+
+
 @functools.lru_cache(maxsize=1)
 def w4a8_kernel() -> tuple[object | None, str]:
     """(torch.ops.stitchserve_w4a8.w4a8_mm, "") once built and loaded, else (None, why). Once per process:
     the op namespace can be registered only once."""
+    _ninja_on_path()
     try:
         from torch.utils.cpp_extension import load, verify_ninja_availability
 
