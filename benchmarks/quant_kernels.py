@@ -8,7 +8,7 @@ y = x W^T at batch 1 and 8 with bf16 activations for:
 - `aten._weight_int4pack_mm_for_cpu` (int4 codes, group-wise scale + zero; group 32 / 64 / 128),
 - `aten._dyn_quant_matmul_4bit` (int4 weights with dynamically quantized activations),
 - stitchserve's `w4a8` kernel (stitchlib/kernels/w4a8.cpp: the int4 codes x int8-rounded activations,
-  integer dot products with AVX512-VNNI),
+  integer dot products with AVX512-VNNI), and its `w8a8` (int8 codes, the same activations),
 - bitsandbytes 0.50 `Linear8bitLt` / `Linear4bit` (nf4) on CPU,
 - torchao's `Int8WeightOnlyConfig` / `Int4WeightOnlyConfig` (if importable; pass --torchao-path).
 
@@ -108,6 +108,10 @@ def make_kernels(N: int, K: int, groups: tuple[int, ...], torchao_ok: bool, min_
             out[f"w4a8 stitchserve VNNI g{g}"] = (
                 rotating(lambda i, g=g: QuantLinear.from_linear(lin(i), "w4a8", group_size=g), qa.weight_bytes(),
                          min_bytes), qa.weight_bytes())
+    if K % 32 == 0 and N % 16 == 0:
+        q8a = QuantLinear.from_linear(lin(0), "w8a8")
+        out["w8a8 stitchserve VNNI"] = (rotating(lambda i: QuantLinear.from_linear(lin(i), "w8a8"), q8a.weight_bytes(),
+                                                 min_bytes), q8a.weight_bytes())
     if only:
         out = {k: v for k, v in out.items() if any(s in k for s in only)}
         return out

@@ -9,6 +9,7 @@ kernels, picked by measurement (benchmarks/QUANT.md):
   per group of `group_size` input columns; codes q in [0, 15], dequantized w = (q - 8) * scale + zero
   (the layout of those kernels' `qScaleAndZeros` [K / group_size, N, 2]).
 
+- w8a8: the int8 codes, the activations rounded as in w4a8, the same kernel file (`w8a8_reference`).
 - w4a8: the int4 codes, multiplied with the activations quantized per call to int8 per row and group
   (`round(x * 127 / amax)`), as integer dot products (`stitchlib/kernels/w4a8.cpp`, AVX512-VNNI, built
   on first use). Not weight-only: the activation rounding is part of the arithmetic (`w4a8_reference`
@@ -40,13 +41,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .kernels import w4a8_kernel
+from .kernels import w4a8_kernel, w8a8_kernel
 from .pst import PSTLinear
 from .types import QUANT_MODES, QuantMode, parse_quantize
 
 log = logging.getLogger(__name__)
 
 INT4_CODES = ("int4", "w4a8")  # the modes holding int4 group-wise codes
+INT8_CODES = ("int8", "w8a8")  # ... int8 per-channel codes
+ACT_MODES = ("w4a8", "w8a8")  # ... whose activations are rounded to int8 too (not weight-only)
 DEFAULT_GROUP_SIZE = 32  # llama.cpp's block size; 64 / 128 read 5-8 % fewer bytes but decode no faster here
                          # (benchmarks/QUANT.md, kernel table), and finer groups lose less quality
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -76,7 +79,7 @@ def check_mode(mode: str) -> QuantMode:
 class QuantizedWeight:
     """Codes and scales of one [N, K] weight, kernel-independent (the reference's input).
 
-    int8: codes int8 [N, K], scales [N], zeros None.
+    int8 / w8a8: codes int8 [N, K], scales [N], zeros None (w8a8: group_size = the activations' group).
     int4 / w4a8: codes uint8 [N, K] in 0..15, scales / zeros [N, K // group_size]."""
 
     mode: QuantMode
@@ -94,10 +97,10 @@ def quantize_weight(w: torch.Tensor, mode: QuantMode, *, group_size: int = DEFAU
     reference dequantize the same numbers."""
     w = w.detach().float()
     N, K = w.shape
-    if mode == "int8":
+    if mode in INT8_CODES:
         scale = (w.abs().amax(1) / 127).clamp(min=1e-8).to(scale_dtype)  # [N]
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        return QuantizedWeight("int8", q, scale, None, None)
+        return QuantizedWeight(mode, q, scale, None, group_size if mode == "w8a8" else None)
     if mode in INT4_CODES:
         if K % group_size:
             raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
@@ -113,7 +116,7 @@ def quantize_weight(w: torch.Tensor, mode: QuantMode, *, group_size: int = DEFAU
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The pure-torch reference: [N, K] weight in `dtype` (computed in float32)."""
-    if qw.mode == "int8":
+    if qw.mode in INT8_CODES:
         return (qw.codes.float() * qw.scales.float()[:, None]).to(dtype)
     N, K = qw.codes.shape
     gs = qw.group_size
@@ -153,6 +156,30 @@ def w4a8_reference(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
         acc = acc + t[..., g]
         acc = acc + u[..., g]
     return acc
+
+
+def w8a8_reference(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """The w8a8 kernel's arithmetic in pure torch, float32 [M, N], bit for bit: per group g,
+    sum(q * qa) * sa, the groups added in order, then times the channel's scale."""
+    gs = qw.group_size
+    N, K = qw.codes.shape
+    qa, sa, _ = quantize_activations(x2, gs)
+    idot = torch.einsum("mgk,ngk->mng", qa.double(), qw.codes.view(N, K // gs, gs).double()).float()
+    t = idot * sa[:, None]  # [M, N, K/g]
+    acc = torch.zeros(x2.shape[0], N)
+    for g in range(K // gs):
+        acc = acc + t[..., g]
+    return acc * qw.scales.float()
+
+
+def pack_w8a8(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The w8a8 kernel's layouts: codes -> int8 [N/16, K/4, 64] (byte c*4+t of vector (b, j) =
+    code[16b+c, 4j+t]), their sums per channel and group -> int16 [N/16, K/g, 16], scales -> [N]."""
+    N, K = qw.codes.shape
+    packed = qw.codes.view(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3).reshape(N // 16, K // 4, 64).contiguous()
+    wsum = qw.codes.view(N, K // qw.group_size, qw.group_size).sum(-1, dtype=torch.int32)  # |sum| <= 127 g
+    wsum = wsum.view(N // 16, 16, -1).permute(0, 2, 1).to(torch.int16).contiguous()
+    return packed, wsum, qw.scales.to(dtype).contiguous()
 
 
 def pack_w4a8(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +225,12 @@ class QuantLinear(nn.Module):
                 "%s: %s %sx%s on %s runs the pure-torch path (%s)%s", name or "QuantLinear", self.mode,
                 self.out_features, self.in_features, dev.type, why, " (and so may other layers)" if warn else "")
         codes = qw.codes.to(dev)
-        if self.mode == "int8":
+        if self.mode == "w8a8" and self.backend != "reference":
+            packed, wsum, scales = pack_w8a8(qw, compute_dtype)
+            self.register_buffer("qweight", packed.to(dev))  # [N/16, K/4, 64] int8
+            self.register_buffer("wsum", wsum.to(dev))  # [N/16, K/g, 16] int16
+            self.register_buffer("scales", scales.to(dev))  # [N]
+        elif self.mode in INT8_CODES:
             self.register_buffer("qweight", codes.contiguous())  # [N, K] int8
             self.register_buffer("scales", qw.scales.to(dev, compute_dtype).contiguous())  # [N]
         elif self.backend == "reference":
@@ -225,14 +257,14 @@ class QuantLinear(nn.Module):
             if dev.type == "cpu":
                 return "packed", ""
             return "reference", "torch has no int8 weight-only kernel for this device"
-        if self.mode == "w4a8":
+        if self.mode in ACT_MODES:
             if dev.type != "cpu":
-                return "reference", "the w4a8 kernel is a CPU kernel"
+                return "reference", f"the {self.mode} kernel is a CPU kernel"
             if dtype not in (torch.bfloat16, torch.float32):
-                return "reference", f"the w4a8 kernel takes float32 or bfloat16, not {dtype}"
-            if self.out_features % 16 or self.group_size % 8:
-                return "reference", "shape not a multiple of the w4a8 kernel's tile"
-            op, why = w4a8_kernel()
+                return "reference", f"the {self.mode} kernel takes float32 or bfloat16, not {dtype}"
+            if self.out_features % 16 or self.group_size % 8 or self.in_features % self.group_size:
+                return "reference", f"shape not a multiple of the {self.mode} kernel's tile"
+            op, why = (w4a8_kernel if self.mode == "w4a8" else w8a8_kernel)()
             return ("packed", "") if op is not None else ("reference", why)
         if dev.type == "cpu":
             if dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -258,7 +290,11 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """[N, K] float32 as this layer computes with (the packed int4 layout is read back through the
         kernel itself: x = identity rows)."""
-        if self.mode == "int8":
+        if self.mode == "w8a8" and self.backend != "reference":
+            nb, k4, _ = self.qweight.shape
+            codes = self.qweight.view(nb, k4, 16, 4).permute(0, 2, 1, 3).reshape(nb * 16, k4 * 4)
+            return codes.float() * self.scales.float()[:, None]
+        if self.mode in INT8_CODES:
             return self.qweight.float() * self.scales.float()[:, None]
         if self.backend == "reference":
             return self._ref_weight(torch.float32)
@@ -269,23 +305,28 @@ class QuantLinear(nn.Module):
         eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.qweight.device)
         return self._matmul(eye).float().t().contiguous()
 
-    def _ref_codes(self) -> QuantizedWeight:  # the reference backend's int4 / w4a8 codes
+    def _ref_codes(self) -> QuantizedWeight:  # the reference backend's codes
+        if self.mode in INT8_CODES:
+            return QuantizedWeight(self.mode, self.qweight, self.scales, None, self.group_size)
         hi, lo = self.qweight >> 4, self.qweight & 15
         codes = torch.stack([hi, lo], -1).view(self.out_features, self.in_features)
         return QuantizedWeight(self.mode, codes, self.scales, self.zeros, self.group_size)
 
     def _ref_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.mode == "int8":
+        if self.mode in INT8_CODES:
             return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
         return dequantize(self._ref_codes(), dtype)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:  # x2: [M, K] compute dtype -> [M, N]
         if self.backend == "reference":
-            if self.mode == "w4a8":
-                return w4a8_reference(x2, self._ref_codes()).to(x2.dtype)
+            if self.mode in ACT_MODES:
+                ref = w4a8_reference if self.mode == "w4a8" else w8a8_reference
+                return ref(x2, self._ref_codes()).to(x2.dtype)
             return F.linear(x2, self._ref_weight(x2.dtype))
         if self.mode == "w4a8":
             return w4a8_kernel()[0](x2, self.qweight, self.scale_zeros, self.group_size)
+        if self.mode == "w8a8":
+            return w8a8_kernel()[0](x2, self.qweight, self.wsum, self.scales, self.group_size)
         if self.mode == "int8":
             if x2.shape[0] >= DENSE_ROWS:
                 return F.linear(x2, self.qweight.to(x2.dtype) * self.scales[:, None])
@@ -305,7 +346,7 @@ class QuantLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        gs = f", group_size={self.group_size}" if self.mode in INT4_CODES else ""
+        gs = f", group_size={self.group_size}" if self.group_size else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{gs}, "
                 f"backend={self.backend}, bias={self.bias is not None}")
 
@@ -400,7 +441,7 @@ def _head_mode(mode: QuantMode, head_mode: QuantMode | None) -> QuantMode | None
 def _layer_mode(mode: QuantMode, lin: nn.Linear, group_size: int) -> QuantMode:
     """int4 needs whole groups along the input and (torch's CPU packing) an output size divisible by
     16; a layer without them is held as int8 instead."""
-    if mode in INT4_CODES and (lin.in_features % group_size or lin.out_features % 16):
+    if mode in (*INT4_CODES, "w8a8") and (lin.in_features % group_size or lin.out_features % 16):
         return "int8"
     return mode
 
@@ -525,7 +566,7 @@ def fake_quantize_(model, mode: str, *, group_size: int = DEFAULT_GROUP_SIZE,
         ahead = _head_mode(amode, head_mode)
         for parent, attr, lin, name in _targets(anchor, head=ahead is not None):
             m = _layer_mode(ahead if attr == "lm_head" and parent is anchor.model else amode, lin, group_size)
-            if m == "w4a8":
+            if m in ACT_MODES:
                 setattr(parent, attr, QuantLinear.from_linear(lin, m, group_size=group_size, name=name, reference=True))
                 if attr == "lm_head" and parent is anchor.model:
                     parent.config.tie_word_embeddings = False

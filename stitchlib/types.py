@@ -12,9 +12,10 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
 # captures the whole step instead, so compiled blocks must not
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 # How the anchors' linears are held for serving (stitchlib.quant): float, int8 / int4 weight-only, or
-# int4 weights with int8-rounded activations (integer dot products). Here, torch-free, for the CLIs.
-QuantMode = Literal["none", "int8", "int4", "w4a8"]
-QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4", "w4a8")
+# int4 / int8 weights with int8-rounded activations (integer dot products: w4a8, w8a8). Here,
+# torch-free, for the CLIs.
+QuantMode = Literal["none", "int8", "int4", "w4a8", "w8a8"]
+QUANT_MODES: tuple[str, ...] = ("none", "int8", "int4", "w4a8", "w8a8")
 
 
 def parse_quantize(spec: str) -> tuple[str, str]:

@@ -11,7 +11,7 @@ from torch import nn
 from conftest import randomize_pst
 from stitchlib.quant import (QuantLinear, QuantSlice, QuantizedWeight, check_mode, dequantize, fake_quantize_,
                              pack_w4a8, quantize_activations, quantize_model_, quantize_weight, unpack_w4a8,
-                             w4a8_reference)
+                             w4a8_reference, w8a8_reference)
 from stitchlib.runtime import SamplingParams
 
 N_NEW = 8
@@ -75,30 +75,34 @@ def test_quant_linear_matches_dequantized_reference(mode, gs, shape, dtype, tol)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gs", [32, 64])
 @pytest.mark.parametrize("shape", [(16, 64), (96, 256), (48, 4096)])
-def test_w4a8_kernel_matches_its_pure_torch_arithmetic(shape, gs, dtype):
-    """The native kernel (AVX512-VNNI where the CPU has it) against `w4a8_reference`, bit for bit: every
-    row-tile size 1..8 and remainders past it, channel blocks not a multiple of the 4 / 8 taken at a
-    time, and a K long enough to be walked in two chunks (4096 inputs x 8 rows of int8 > 16 KB)."""
+@pytest.mark.parametrize("mode", ["w4a8", "w8a8"])
+def test_w4a8_kernel_matches_its_pure_torch_arithmetic(mode, shape, gs, dtype):
+    """The native kernels (AVX512-VNNI where the CPU has it) against `w4a8_reference` / `w8a8_reference`,
+    bit for bit: every row-tile size 1..8 and remainders past it, channel blocks not a multiple of the 4 /
+    8 taken at a time, and a K long enough to be walked in two chunks (4096 inputs x 8 rows of int8 >
+    16 KB)."""
     from stitchlib.kernels import w4a8_kernel
 
     N, K = shape
     torch.manual_seed(3)
     lin = nn.Linear(K, N, bias=True).to(dtype).requires_grad_(False)
-    q = QuantLinear.from_linear(lin, "w4a8", group_size=gs)
+    q = QuantLinear.from_linear(lin, mode, group_size=gs)
     assert w4a8_kernel()[1] == "" and q.backend == "packed"  # g++ and ninja are installed with the project
-    r = QuantLinear.from_linear(lin, "w4a8", group_size=gs, reference=True)
-    qw = quantize_weight(lin.weight, "w4a8", group_size=gs, scale_dtype=dtype)
-    assert torch.equal(unpack_w4a8(pack_w4a8(qw, dtype)[0]), qw.codes)
+    r = QuantLinear.from_linear(lin, mode, group_size=gs, reference=True)
+    qw = quantize_weight(lin.weight, mode, group_size=gs, scale_dtype=dtype)
+    if mode == "w4a8":
+        assert torch.equal(unpack_w4a8(pack_w4a8(qw, dtype)[0]), qw.codes)
     assert torch.equal(q.dequantized_weight(), dequantize(qw)) and torch.equal(r.dequantized_weight(), dequantize(qw))
+    ref = w4a8_reference if mode == "w4a8" else w8a8_reference
     for rows in (1, 2, 3, 4, 5, 6, 7, 8, 13, 70):
         x = torch.randn(rows, K).to(dtype)
         x[0, :gs] = 0  # an all-zero group: scale 0, codes 0
-        want = (w4a8_reference(x, qw).to(dtype) + lin.bias)  # QuantLinear: the product in dtype, + bias
+        want = (ref(x, qw).to(dtype) + lin.bias)  # QuantLinear: the product in dtype, + bias
         for layer in (q, r):
             got = layer(x)
             assert got.shape == (rows, N) and got.dtype == dtype
             assert torch.equal(got, want), (rows, (got.float() - want.float()).abs().max())
-        # and it is the int4 weight-only product up to the activations' rounding (8 bits a group)
+        # and it is the weight-only product up to the activations' rounding (8 bits a group)
         wo = torch.nn.functional.linear(x.float(), dequantize(qw), lin.bias.float())
         assert (want.float() - wo).abs().max() < 0.03 * wo.abs().max()
 
@@ -184,13 +188,14 @@ def test_greedy_tokens_of_every_stitch_equal_the_dequantized_model(mode):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_w4a8_engine_equals_the_pure_torch_reference_model(dtype):
+@pytest.mark.parametrize("mode", ["w4a8", "w8a8"])
+def test_w4a8_engine_equals_the_pure_torch_reference_model(mode, dtype):
     """w4a8 rounds each activation row to 8 bits, so a last-bit difference upstream (another attention
     path, another reduction order) can move a code: the reference is the same engine over the pair
     whose every linear is a separate pure-torch `w4a8_reference` layer (HF block calls, no kernel).
     Every stitch in one mixed batch: the same tokens; logprobs equal but for the LM head (the tiny
     vocabulary, 259, is no multiple of 16: an int8 head, packed kernel against the dequantized weight)."""
-    qmodel, ref = _pair_model("w4a8", dtype=dtype), _pair_model("w4a8", fake=True, dtype=dtype)
+    qmodel, ref = _pair_model(mode, dtype=dtype), _pair_model(mode, fake=True, dtype=dtype)
     assert all(m.backend == "reference" for m in ref.modules() if isinstance(m, QuantLinear))
     sids = [s.id for s in qmodel.stitches]
     tol = 1e-5 if dtype == "float32" else 2e-2
@@ -202,7 +207,7 @@ def test_w4a8_engine_equals_the_pure_torch_reference_model(dtype):
                 assert abs(a.logprob - b.logprob) < tol
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8", "w8a8"])
 def test_fused_projections_hold_the_separate_codes(mode):
     """q/k/v and gate/up quantized as one matrix: each output column equals the separate layer's, bit
     for bit, for decode- and prefill-sized inputs; the storage is the same size; the HF modules read
@@ -228,7 +233,7 @@ def test_fused_projections_hold_the_separate_codes(mode):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w4a8", "w8a8"])
 def test_fast_blocks_give_the_hf_block_call_s_numbers(mode, dtype):
     """The engine's fast block (stitchlib.engine.blocks: fused layers, HF's ops without the module calls)
     in prefill and decode, every stitch in one mixed batch: tokens and logprobs equal, bit for bit, to

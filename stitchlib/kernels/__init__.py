@@ -1,7 +1,7 @@
 """Native kernels torch does not have, built on this machine on first use.
 
-`w4a8.cpp`: int4 weights x dynamically quantized int8 activations with integer dot products
-(AVX512-VNNI), the `w4a8` quantization mode (stitchlib.quant). Torch's own int4 CPU kernel is
+`w4a8.cpp`: int4 (`w4a8`) and int8 (`w8a8`) weights x dynamically quantized int8 activations with
+integer dot products (AVX512-VNNI), two quantization modes of stitchlib.quant. Torch's own int4 CPU kernel is
 arithmetic-bound past 4 rows (benchmarks/QUANT.md 4b); this one reads each weight once for up to 8 rows.
 
 Built with torch's C++ extension tooling (g++ and ninja) into `cache_root()/kernels/<hash>`: the hash
@@ -94,6 +94,12 @@ def w4a8_kernel() -> tuple[object | None, str]:
         log.warning("the w4a8 kernel was built without AVX512-VNNI (this CPU or compiler lacks it): "
                     "its scalar loops are correct but slow")
     return ops.w4a8_mm.default, ""
+
+
+def w8a8_kernel() -> tuple[object | None, str]:
+    """The same extension's int8-weight op, torch.ops.stitchserve_w4a8.w8a8_mm (or None, why)."""
+    op, why = w4a8_kernel()
+    return (torch.ops.stitchserve_w4a8.w8a8_mm.default, "") if op is not None else (None, why)
 
 
 def w4a8_vectorized() -> bool:
