@@ -3,7 +3,8 @@ anchors under bf16 / int8 / int4 weights and w4a8 (stitchlib.quant) through the 
 the same GGUF files and HF `generate()`, with the weight-read floor of each.
 
 Interleaved rounds (every method once per round) so load from other jobs hits all alike:
-  - batch 1: ms per decode step of one request, per stitch and mode; llama.cpp per anchor (one token
+  - batch 1: ms per decode step of one request, per stitch and mode, the stitches of a mode timed step
+    by step in turn (one warm engine each); llama.cpp per anchor (one token
     per `eval`, its own KV cache); HF generate per anchor (bf16, the same merged weights);
   - batch 8: tokens/s of 8 requests on one stitch, per stitch and mode.
 Floor = bytes one decode step reads (every weight on the route except the embedding table, from the
@@ -115,6 +116,22 @@ def engine_steps(model, sid: str, prompts: list[list[int]], steps: int, **config
     e = warm_engine(model, sid, prompts, steps, **config_kw)
     out = [timed(lambda: e.decode_burst(1), e.device) for _ in range(steps)]
     del e
+    return out
+
+
+@torch.no_grad()
+def engine_steps_by_stitch(model, sids: list[str], prompts: list[list[int]], steps: int,
+                           **config_kw) -> dict[str, list[float]]:
+    """`engine_steps` for every stitch at once, interleaved step by step: one warm engine per stitch,
+    then each round of steps times one step of each in turn. Routes that cost within ~1 % of each other
+    (s0-l1 and the large anchor) are then measured under the same conditions, step for step, instead of
+    a few seconds apart."""
+    engines = {sid: warm_engine(model, sid, prompts, steps, **config_kw) for sid in sids}
+    out: dict[str, list[float]] = {sid: [] for sid in sids}
+    for _ in range(steps):
+        for sid, e in engines.items():
+            out[sid].append(timed(lambda: e.decode_burst(1), e.device))
+    del engines
     return out
 
 
@@ -290,9 +307,10 @@ def main() -> None:
     with tqdm(total=todo, desc="interleaved rounds", unit="measurement") as bar:
         for _ in range(args.rounds):
             for mode in modes:
-                for sid in sids:
-                    b1[mode][sid] += engine_steps(rts[mode].model, sid, prompts[:1], args.steps, **kw[mode])
-                    bar.update(1)
+                for sid, t in engine_steps_by_stitch(rts[mode].model, sids, prompts[:1], args.steps,
+                                                     **kw[mode]).items():
+                    b1[mode][sid] += t
+                bar.update(len(sids))
             for role, (_, run) in llama.items():
                 ll[role] += run(args.steps)
                 bar.update(1)
@@ -300,9 +318,9 @@ def main() -> None:
                 hfs[role] += hf_generate_step_times(m, ids, args.steps)
                 bar.update(1)
             for mode in modes:
-                for sid in sids:
-                    b8[mode][sid] += engine_steps(rts[mode].model, sid, prompts, args.steps, **kw[mode])
-                    bar.update(1)
+                for sid, t in engine_steps_by_stitch(rts[mode].model, sids, prompts, args.steps, **kw[mode]).items():
+                    b8[mode][sid] += t
+                bar.update(len(sids))
     gb = bw["used_GBps"] * 1e9
     res_b1, res_b8 = {}, {}
     for mode in modes:
