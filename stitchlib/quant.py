@@ -140,36 +140,57 @@ def quantize_activations(x2: torch.Tensor, group_size: int) -> tuple[torch.Tenso
     return torch.round(xf * inv).clamp_(-127, 127), (amax / 127)[..., 0], asum
 
 
-def w4a8_reference(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
-    """The w4a8 kernel's arithmetic in pure torch, float32 [M, N], bit for bit: per group g,
-    sum(q * qa) * (s * sa) + (z - 8 s) * sum(x), the integer sums exact (float64 holds them), every float
-    operation rounded on its own (no fused multiply-add), the groups added one at a time in order."""
+_REF_ROWS, _REF_COLS = 64, 4096  # the pure-torch path's tile: [64, 4096, K/g] float32 at most at a time
+
+
+def _int_group_dots(qa: torch.Tensor, codes: torch.Tensor, gs: int) -> torch.Tensor:
+    """sum_k codes[n, g, k] * qa[m, g, k] per group, exact: qa [M, K/g, g], codes [N, K] -> [M, N, K/g].
+    Every product and partial sum is an integer under 2^24 (|q| <= 127, |qa| <= 127, g <= 256 ... w4a8's
+    codes <= 15), so float32 holds them exactly whatever the summation order; float64 on a GPU, where
+    float32 matmuls may run in TF32."""
+    N, K = codes.shape
+    dt = torch.float32 if qa.device.type == "cpu" else torch.float64
+    c = codes.view(N, K // gs, gs).permute(1, 2, 0).to(dt)  # [K/g, g, N]
+    return torch.bmm(qa.transpose(0, 1).to(dt), c).permute(1, 2, 0).float()
+
+
+def _act_reference(x2: torch.Tensor, qw: QuantizedWeight, terms) -> torch.Tensor:
+    """The activation-rounding kernels' arithmetic in pure torch, float32 [M, N], bit for bit, in tiles
+    of rows and output channels (memory bounded). terms(idot [m, n, K/g], sa, asum, cols) -> the groups'
+    float terms [m, n, K/g] (and a second set or None), added one group at a time in order, as the
+    kernels add them; the caller applies what comes after the sum."""
     gs = qw.group_size
-    N, K = qw.codes.shape
-    qa, sa, asum = quantize_activations(x2, gs)
-    idot = torch.einsum("mgk,ngk->mng", qa.double(), qw.codes.view(N, K // gs, gs).double()).float()
+    M, N = x2.shape[0], qw.codes.shape[0]
+    out = torch.empty(M, N, device=x2.device)
+    for m0 in range(0, M, _REF_ROWS):
+        qa, sa, asum = quantize_activations(x2[m0:m0 + _REF_ROWS], gs)
+        for n0 in range(0, N, _REF_COLS):
+            cols = slice(n0, n0 + _REF_COLS)
+            t, u = terms(_int_group_dots(qa, qw.codes[cols], gs), sa, asum, cols)
+            acc = torch.zeros(t.shape[:2], device=x2.device)
+            for g in range(t.shape[-1]):
+                acc = acc + t[..., g]
+                if u is not None:
+                    acc = acc + u[..., g]
+            out[m0:m0 + _REF_ROWS, cols] = acc
+    return out
+
+
+def w4a8_reference(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """The w4a8 kernel's arithmetic, float32 [M, N]: per group g, sum(q * qa) * (s * sa) +
+    (z - 8 s) * sum(x), every float operation rounded on its own (no fused multiply-add)."""
     s, z = qw.scales.float(), qw.zeros.float()
-    t = idot * (s[None] * sa[:, None])  # [M, N, K/g]
-    u = (z - 8 * s)[None] * asum[:, None]
-    acc = torch.zeros(x2.shape[0], N)
-    for g in range(K // gs):
-        acc = acc + t[..., g]
-        acc = acc + u[..., g]
-    return acc
+
+    def terms(idot, sa, asum, cols):
+        return idot * (s[cols][None] * sa[:, None]), (z[cols] - 8 * s[cols])[None] * asum[:, None]
+
+    return _act_reference(x2, qw, terms)
 
 
 def w8a8_reference(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
-    """The w8a8 kernel's arithmetic in pure torch, float32 [M, N], bit for bit: per group g,
-    sum(q * qa) * sa, the groups added in order, then times the channel's scale."""
-    gs = qw.group_size
-    N, K = qw.codes.shape
-    qa, sa, _ = quantize_activations(x2, gs)
-    idot = torch.einsum("mgk,ngk->mng", qa.double(), qw.codes.view(N, K // gs, gs).double()).float()
-    t = idot * sa[:, None]  # [M, N, K/g]
-    acc = torch.zeros(x2.shape[0], N)
-    for g in range(K // gs):
-        acc = acc + t[..., g]
-    return acc * qw.scales.float()
+    """The w8a8 kernel's arithmetic, float32 [M, N]: per group g, sum(q * qa) * sa, then times the
+    channel's scale."""
+    return _act_reference(x2, qw, lambda idot, sa, asum, cols: (idot * sa[:, None], None)) * qw.scales.float()
 
 
 def pack_w8a8(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -107,6 +107,22 @@ def test_w4a8_kernel_matches_its_pure_torch_arithmetic(mode, shape, gs, dtype):
         assert (want.float() - wo).abs().max() < 0.03 * wo.abs().max()
 
 
+@pytest.mark.parametrize("mode", ["w4a8", "w8a8"])
+def test_pure_torch_path_is_the_same_in_any_tiling(mode, monkeypatch):
+    """The pure-torch path works in tiles of rows and output channels (memory bounded on a real LM
+    head); tiles of 5 rows x 16 channels give the same bits as one tile."""
+    import stitchlib.quant as q
+
+    torch.manual_seed(4)
+    qw = quantize_weight(torch.randn(48, 128), mode, scale_dtype=torch.float32)
+    x = torch.randn(13, 128)
+    ref = (q.w4a8_reference if mode == "w4a8" else q.w8a8_reference)
+    whole = ref(x, qw)
+    monkeypatch.setattr(q, "_REF_ROWS", 5)
+    monkeypatch.setattr(q, "_REF_COLS", 16)
+    assert torch.equal(ref(x, qw), whole)
+
+
 def test_w4a8_activation_rounding():
     x = torch.tensor([[0.0] * 32 + [1.0, -2.0, 0.5] + [0.0] * 29])
     qa, sa, asum = quantize_activations(x, 32)
