@@ -18,6 +18,8 @@ Parts, in order of risk (each in its own time box; `--parts` selects some for a 
                     queues ('adjacent' and 'spread'), 128-token prompts; floors include every row's K/V reads
   qwen_pair         the served pair's shapes (Qwen2.5-Coder 0.5B -> 1.5B, random weights): every stitch at batch
                     1 and 8, and a mixed-budget batch of 8 rows over the quickstart's deployed stitches
+  quant             int4 serving on the device (torch's packed int4 kernel): the Qwen-shaped pair quantized as
+                    serving does, every stitch's logits vs the dequantized reference, anchors at batch 1 / 8
   compile           torch.compile'd blocks vs eager blocks, one decode step's logits: batch 1 first, then every
                     stitch in one batch; relative L2 + argmax agreement; later parts fall back to eager blocks
                     only on NaN/inf or a gross error; compile counts, seconds and recompiles recorded
@@ -101,7 +103,7 @@ GPU = Sizes(pair=("llama-7b-shape", "llama-13b-shape"), qwen=("qwen2.5-coder-0.5
             prompt_len=128, long_prompt_len=1536, steps=16, rounds=2, streams=32, n_batch_stitches=8,
             bandwidth_bytes=4 << 30, gemv_reps=20,
             boxes={"correctness": 60, "build": 90, "bandwidth": 30, "latency_graphs": 75, "batching_short": 60,
-                   "qwen_pair": 60, "compile": 150, "latency_compiled": 45, "batching_long": 60, "hf": 90})
+                   "qwen_pair": 60, "quant": 45, "compile": 150, "latency_compiled": 45, "batching_long": 60, "hf": 90})
 TINY = Sizes(pair=("tiny-a", "tiny-b"), qwen=("tiny-qwen-a", "tiny-qwen-b"), prompt_len=24, long_prompt_len=96,
              steps=4, rounds=1, streams=8, n_batch_stitches=4, bandwidth_bytes=64 << 20, gemv_reps=3)
 
@@ -596,6 +598,58 @@ def part_qwen_pair(run: PartRun, ctx: Ctx) -> None:
 
 
 @torch.no_grad()
+def part_quant(run: PartRun, ctx: Ctx) -> None:
+    """The quantized serving path on this device (int4: torch's `_weight_int4pack_mm` on CUDA, its CPU
+    kernel with --tiny): the Qwen-shaped pair held as int4 codes after `quantize_model_`, every stitch's
+    next-token logits against the same codes held as dequantized bf16 weights (`fake_quantize_`), and
+    the engine's decode at batch 1 and 8 on the anchors (graphs as configured)."""
+    from collections import Counter
+
+    from engine_common import median
+    from stitchlib.quant import QuantLinear, fake_quantize_, quantize_model_
+    from stitchlib.runtime import SamplingParams
+
+    z = ctx.sizes
+    model = build_stitched(*z.qwen, ctx.device, torch.bfloat16)
+    ref = build_stitched(*z.qwen, ctx.device, torch.bfloat16)  # same seeds: the same weights
+    try:
+        t = time.time()
+        quantize_model_(model, "int4")
+        fake_quantize_(ref, "int4")
+        rec = run.rec
+        rec["quantize_s"] = time.time() - t
+        rec["backends"] = dict(Counter(f"{m.mode}/{m.backend}" for m in model.modules() if isinstance(m, QuantLinear)))
+        ids = torch.tensor(random_prompts(2, z.prompt_len, model.small_anchor.stats.vocab_size), device=ctx.device)
+        got = torch.cat([model(ids, s.id)[:, -1] for s in model.stitches]).float()
+        want = torch.cat([ref(ids, s.id)[:, -1] for s in model.stitches]).float()
+        rec["logits"] = compare_logits(want, got)
+        run.save()
+        del ref
+        prompts = random_prompts(8, z.prompt_len, model.small_anchor.stats.vocab_size)
+        e = run.engine(model, max_slots=8, max_seq_len=align(z.prompt_len + 2 + z.steps), compile_layers=False)
+        params = SamplingParams(max_tokens=2 + z.steps, temperature=0.0)
+        rows = rec["rows"] = []
+        for sid in ("small", "large"):
+            r = {"stitch": sid}
+            for n in (1, 8):
+                rids = [e.add_request(p, sid, params) for p in prompts[:n]]
+                e.step()
+                e.decode_burst(1)
+                r[f"batch{n}_ms"] = median(timed_decode(run, e, z.steps, burst=False)) * 1e3
+                for x in rids:
+                    e.abort(x)
+            rows.append(r)
+            run.save()
+        run.release(e)
+        rec["ok"] = rec["logits"]["argmax_agree"] >= 0.9 and rec["logits"]["rel_l2_max"] < 0.05
+    finally:
+        del model
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@torch.no_grad()
 def compare_logits(eager: torch.Tensor, compiled: torch.Tensor) -> dict:
     """Relative L2 per row and argmax agreement: bf16 over ~70 blocks drifts by ~1e-2 in L2 without
     changing most argmaxes; a max-abs test on random-weight logits fails correct compiles."""
@@ -708,6 +762,7 @@ PARTS = [  # (key, function, needs the 7B/13B model, minimum seconds left to sta
     ("latency_graphs", part_latency_graphs, True, 30),
     ("batching_short", part_batching_short, True, 30),
     ("qwen_pair", part_qwen_pair, False, 30),
+    ("quant", part_quant, False, 30),
     ("compile", part_compile, True, 60),
     ("latency_compiled", part_latency_compiled, True, 20),
     ("batching_long", part_batching_long, True, 30),
@@ -867,6 +922,8 @@ def targets(res: dict) -> dict:
             b = p[key][how]
             t[f"mixed_ge_0.9x_single_mean_stitch_{how}"] = b["mixed_vs_single"] >= 0.9
             t[f"mixed_beats_separate_queues_{how}"] = b["mixed_vs_queues"] > 1.0
+    if "quant" in p and "logits" in p["quant"]:
+        t["int4_logits_match_dequantized_reference"] = bool(p["quant"].get("ok"))
     if "compile" in p:
         t["compiled_blocks_match_eager"] = bool(p["compile"].get("ok"))
     if "hf" in p and "latency_graphs" in p:
@@ -937,6 +994,14 @@ def render_markdown(res: dict) -> str:
             mb = q["mixed_budget"]
             lines.append(f"\nmixed-budget batch of 8 over {', '.join(mb['stitches'])}: {mb['step_ms']:.2f} ms/step "
                          f"(largest of them at batch 8: {mb['largest_stitch_batch8_ms']:.2f})")
+    qz = p.get("quant", {})
+    if qz.get("logits"):
+        lg = qz["logits"]
+        lines += ["", "## int4 serving path", "",
+                  f"backends {qz['backends']}; logits vs dequantized reference: rel L2 max {lg['rel_l2_max']:.3g}, "
+                  f"argmax agree {lg['argmax_agree']:.3f}"]
+        lines += [f"- {r['stitch']}: batch 1 {r.get('batch1_ms', float('nan')):.2f} ms, batch 8 "
+                  f"{r.get('batch8_ms', float('nan')):.2f} ms" for r in qz.get("rows", [])]
     for name in ("batch1", "mixed"):
         c = p.get("compile", {}).get(name)
         if c:

@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "engine_gpu.py"
-PARTS = ["correctness", "build", "bandwidth", "latency_graphs", "batching_short", "qwen_pair", "compile",
+PARTS = ["correctness", "build", "bandwidth", "latency_graphs", "batching_short", "qwen_pair", "quant", "compile",
          "latency_compiled", "batching_long", "hf"]
 
 
@@ -82,6 +82,14 @@ def test_tiny_run_exercises_every_part_with_compile(bench, tmp_path, one_thread)
     assert len(q["rows"]) == 6 and all(r["batch1_ms"] > 0 and r["batch8_ms"] > 0 for r in q["rows"])
     assert len(q["mixed_budget"]["rows"]) == 8 and len(set(q["mixed_budget"]["rows"])) == 4
 
+    # the int4 serving path on the device (here: torch's CPU int4 kernel): logits against the dequantized
+    # reference, the anchors timed at batch 1 and 8
+    qz = parts["quant"]
+    assert qz["ok"] and qz["logits"]["finite"] and qz["logits"]["rows"] == 2 * len(q["rows"])
+    assert qz["backends"].get("int4/packed", 0) > 0 and not any(k.endswith("/reference") for k in qz["backends"])
+    assert [r["stitch"] for r in qz["rows"]] == ["small", "large"] and all(r["batch8_ms"] > 0 for r in qz["rows"])
+    assert res["targets"]["int4_logits_match_dequantized_reference"]
+
     # memory arithmetic, GEMV roofline, HF baselines with both caches
     assert parts["build"]["served_param_bytes"] > parts["build"]["pair_param_bytes"]
     assert parts["bandwidth"]["stream"]["data"] == "random bf16" and parts["bandwidth"]["gemv"]["shapes"]
@@ -90,7 +98,7 @@ def test_tiny_run_exercises_every_part_with_compile(bench, tmp_path, one_thread)
     saved = json.loads((tmp_path / "engine_gpu_tiny.json").read_text())
     assert saved["targets"] == res["targets"] and "compiled_blocks_match_eager" in res["targets"]
     md = (tmp_path / "engine_gpu_tiny.md").read_text()
-    assert "| compile | ok |" in md and "## Qwen2.5-Coder pair shapes" in md
+    assert "| compile | ok |" in md and "## Qwen2.5-Coder pair shapes" in md and "## int4 serving path" in md
     assert "[hf] ok" in (tmp_path / "engine_gpu_tiny.log").read_text()
 
 
