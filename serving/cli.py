@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from stitchlib.types import quantize_arg
+from stitchlib.types import QUANTIZE_METAVAR, quantize_arg
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     rt.add_argument("--num-gpus", type=float, help="GPUs per replica")
     rt.add_argument("--device", help="cpu | cuda (default cpu)")
     rt.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    rt.add_argument("--quantize", type=quantize_arg, metavar="{none,int8,int4,w4a8} | small=MODE,large=MODE",
+    rt.add_argument("--quantize", type=quantize_arg, metavar=QUANTIZE_METAVAR,
                     help="quantized anchors, one mode or one per anchor (default none; benchmarks/QUANT.md)")
     rt.add_argument("--default-budget", help="X-Compute-Budget applied when a request sends none")
     rt.add_argument("--max-batch-size", type=int)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stitchlib.types import quantize_arg
+from stitchlib.types import QUANTIZE_METAVAR, quantize_arg
 
 DEFAULT_SMALL, DEFAULT_LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 PROMPT = "Write a Python function that returns the square of a number."
@@ -47,7 +47,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                         "the first measures every route, each next one only those not clearly worse than the "
                         "small anchor so far")
     p.add_argument("--quantize", type=quantize_arg, default=DEFAULT_QUANTIZE,
-                   metavar="{none,int8,int4,w4a8} | small=MODE,large=MODE",
+                   metavar=QUANTIZE_METAVAR,
                    help=f"quantized anchors (default {DEFAULT_QUANTIZE}: measured in benchmarks/QUANT.md)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the server")

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from .errors import StitchError
-from .types import quantize_arg, quantize_suffix
+from .types import QUANTIZE_METAVAR, quantize_arg, quantize_suffix
 
 
 def _cmd_stitches(args: argparse.Namespace) -> int:
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="table to write (default: PALETTE/profile-<device type>[-<quantize>].json)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    s.add_argument("--quantize", default="none", type=quantize_arg, metavar="{none,int8,int4,w4a8} | small=MODE,large=MODE",
+    s.add_argument("--quantize", default="none", type=quantize_arg, metavar=QUANTIZE_METAVAR,
                    help="quantized anchors, as serving loads them (benchmarks/QUANT.md)")
     s.add_argument("--prompt-len", type=int, default=32)
     s.add_argument("--decode-steps", type=int, default=8)

@@ -50,6 +50,9 @@ def quantize_suffix(spec: str) -> str:
     return "" if spec == "none" else "-" + spec.replace("=", "-").replace(",", "-")
 
 
+QUANTIZE_METAVAR = "{" + ",".join(QUANT_MODES) + "} | small=MODE,large=MODE"
+
+
 def quantize_arg(value: str) -> str:
     """argparse `type=` for --quantize."""
     import argparse
