@@ -67,6 +67,9 @@ _INT4_MM_CUDA = torch.ops.aten._weight_int4pack_mm.default
 
 
 _WARNED: set[tuple[str, str, str]] = set()
+# The native ops once loaded (stitchlib.kernels), bound as OpOverloads: a plain lookup per call, which
+# torch.compile also traces (the loader itself touches the file system).
+_NATIVE: dict[str, object] = {}
 
 
 def check_mode(mode: str) -> QuantMode:
@@ -286,7 +289,10 @@ class QuantLinear(nn.Module):
             if self.out_features % 16 or self.group_size % 8 or self.in_features % self.group_size:
                 return "reference", f"shape not a multiple of the {self.mode} kernel's tile"
             op, why = (w4a8_kernel if self.mode == "w4a8" else w8a8_kernel)()
-            return ("packed", "") if op is not None else ("reference", why)
+            if op is None:
+                return "reference", why
+            _NATIVE[self.mode] = op
+            return "packed", ""
         if dev.type == "cpu":
             if dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 return "reference", f"dtype {dtype}"
@@ -345,9 +351,9 @@ class QuantLinear(nn.Module):
                 return ref(x2, self._ref_codes()).to(x2.dtype)
             return F.linear(x2, self._ref_weight(x2.dtype))
         if self.mode == "w4a8":
-            return w4a8_kernel()[0](x2, self.qweight, self.scale_zeros, self.group_size)
+            return _NATIVE["w4a8"](x2, self.qweight, self.scale_zeros, self.group_size)
         if self.mode == "w8a8":
-            return w8a8_kernel()[0](x2, self.qweight, self.wsum, self.scales, self.group_size)
+            return _NATIVE["w8a8"](x2, self.qweight, self.wsum, self.scales, self.group_size)
         if self.mode == "int8":
             if x2.shape[0] >= DENSE_ROWS:
                 return F.linear(x2, self.qweight.to(x2.dtype) * self.scales[:, None])

@@ -123,6 +123,19 @@ def test_pure_torch_path_is_the_same_in_any_tiling(mode, monkeypatch):
     assert torch.equal(ref(x, qw), whole)
 
 
+@pytest.mark.parametrize("mode", ["w4a8", "w8a8"])
+def test_native_ops_trace_under_torch_compile(mode):
+    """EngineConfig(compile_layers=True) compiles the blocks: the native ops have shape-only (fake)
+    implementations, so a full graph traces through them (aot_eager: fake tensors, no code generation)
+    and gives the eager numbers."""
+    torch.manual_seed(5)
+    q = QuantLinear.from_linear(nn.Linear(256, 96).requires_grad_(False), mode)
+    assert q.backend == "packed"
+    x = torch.randn(3, 256)
+    f = torch.compile(lambda t: q(t) * 2, backend="aot_eager", fullgraph=True)
+    assert torch.equal(f(x), q(x) * 2)
+
+
 def test_w4a8_activation_rounding():
     x = torch.tensor([[0.0] * 32 + [1.0, -2.0, 0.5] + [0.0] * 29])
     qa, sa, asum = quantize_activations(x, 32)

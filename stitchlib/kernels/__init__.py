@@ -90,10 +90,22 @@ def w4a8_kernel() -> tuple[object | None, str]:
     except Exception as e:  # noqa: BLE001
         return None, f"building {SOURCE.name} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
     ops = torch.ops.stitchserve_w4a8
+    _register_fakes()
     if not ops.vectorized():
         log.warning("the w4a8 kernel was built without AVX512-VNNI (this CPU or compiler lacks it): "
                     "its scalar loops are correct but slow")
     return ops.w4a8_mm.default, ""
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so torch.compile (EngineConfig.compile_layers) traces through the
+    ops as opaque calls instead of failing on them: [M, K] -> [M, 16 * blocks] in x's dtype."""
+    def out(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], qweight.shape[0] * 16)
+
+    torch.library.register_fake("stitchserve_w4a8::w4a8_mm")(lambda x, qweight, sz, group_size: out(x, qweight))
+    torch.library.register_fake("stitchserve_w4a8::w8a8_mm")(
+        lambda x, qweight, wsum, scales, group_size: out(x, qweight))
 
 
 def w8a8_kernel() -> tuple[object | None, str]:
