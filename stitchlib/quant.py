@@ -466,8 +466,8 @@ def _head_mode(mode: QuantMode, head_mode: QuantMode | None) -> QuantMode | None
 
 
 def _layer_mode(mode: QuantMode, lin: nn.Linear, group_size: int) -> QuantMode:
-    """int4 needs whole groups along the input and (torch's CPU packing) an output size divisible by
-    16; a layer without them is held as int8 instead."""
+    """int4, w4a8 and w8a8 need whole groups along the input and an output size divisible by 16 (torch's
+    CPU int4 packing, the native kernels' 16-channel blocks); a layer without them is held as int8."""
     if mode in (*INT4_CODES, "w8a8") and (lin.in_features % group_size or lin.out_features % 16):
         return "int8"
     return mode

@@ -112,9 +112,3 @@ def w8a8_kernel() -> tuple[object | None, str]:
     """The same extension's int8-weight op, torch.ops.stitchserve_w4a8.w8a8_mm (or None, why)."""
     op, why = w4a8_kernel()
     return (torch.ops.stitchserve_w4a8.w8a8_mm.default, "") if op is not None else (None, why)
-
-
-def w4a8_vectorized() -> bool:
-    """Whether the loaded kernel runs the AVX512-VNNI loops (False: scalar loops, or not built)."""
-    op, _ = w4a8_kernel()
-    return bool(op is not None and torch.ops.stitchserve_w4a8.vectorized())

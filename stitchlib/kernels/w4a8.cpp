@@ -290,9 +290,6 @@ at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 // w4a8: separately rounded, the groups in order, the channel scale last; `w8a8_reference` matches.
 // Layouts (stitchlib/quant.py `pack_w8a8`): qweight int8 [N/16, K/4, 64] (byte c*4+t of vector (b, j) =
 // q[16b+c, 4j+t]), wsum int16 [N/16, K/G, 16], scales [N] in x's dtype.
-template <typename S>
-inline float scale_at(const S* s, int64_t n) { return to_float(s[n]); }
-
 #if W4A8_VNNI
 template <int NB, int MT, typename S>
 void tile_w8_vnni(const int8_t* qw, const int16_t* ws, const S* sc, int64_t b0, int64_t K, int64_t G,
@@ -330,7 +327,7 @@ void tile_w8_vnni(const int8_t* qw, const int16_t* ws, const S* sc, int64_t b0, 
     __m512 s = _mm512_setzero_ps();
     if (g1 == KG) {  // the last chunk: the channel scales
       float tmp[16];
-      for (int c = 0; c < 16; ++c) tmp[c] = scale_at(sc, (b0 + i) * 16 + c);
+      for (int c = 0; c < 16; ++c) tmp[c] = to_float(sc[(b0 + i) * 16 + c]);
       s = _mm512_loadu_ps(tmp);
     }
     for (int m = 0; m < MT; ++m)
@@ -366,7 +363,7 @@ void w8_blocks(const int8_t* qw, const int16_t* ws, const S* sc, int64_t b_begin
           acc[c] += d * sa[m * KG + g];
         }
       }
-      for (int c = 0; c < 16; ++c) out[m * N + b * 16 + c] = acc[c] * scale_at(sc, b * 16 + c);
+      for (int c = 0; c < 16; ++c) out[m * N + b * 16 + c] = acc[c] * to_float(sc[b * 16 + c]);
     }
 #endif
 }
