@@ -22,6 +22,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator,
                       model_validator)
 
+from stitchlib.gate import MIN_SAVING
 from stitchlib.types import EngineConfig, canonical_quantize
 
 from .budget import BudgetError, try_parse_budget
@@ -170,6 +171,12 @@ class PaletteDeploymentConfig(_Strict):
     # routing
     default_budget: str | None = Field(None, description="X-Compute-Budget applied when a request has none")
     percent_basis: PercentBasis = Field("gflops", description="what a '<n>%' budget is a share of")
+    min_latency_saving: float | None = Field(MIN_SAVING, ge=0, lt=1, description=(
+        "served front: budgets are routed to a stitch only when its profiled decode step (batch 1, in the "
+        "served dtype and quantization, on this replica) is at least this share cheaper than every better "
+        "deployed route's; a stitch that is not is shadowed by that route (listed in /v1/stitches with "
+        "routed: false, still reachable with X-Stitch-Id). null: every deployed stitch is routed "
+        "(stitchlib.gate.served_front)"))
     # batching
     max_batch_size: int = Field(8, ge=1, description="generation: rows decoded together in one engine step, "
                                                      "whatever their stitches (the engine's KV-cache slots; "

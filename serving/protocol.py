@@ -418,6 +418,10 @@ class StitchStatus(OpenAIBaseModel):
     prefill_share: float = Field(description="share of the replica's recent engine time spent prefilling prompts "
                                              "(the last minute); tokens are priced at step / (1 - share)")
     active_requests: int
+    routed: bool = Field(True, description="budgets are routed here (false: shadowed on the served front: not "
+                                           "measurably cheaper than a better route; X-Stitch-Id still reaches it)")
+    shadowed_by: str | None = Field(None, description="the better, no costlier route budgets go to instead")
+    route_note: str | None = Field(None, description="why it is routed or shadowed, with the measured numbers")
     replica: str | None = None
 
 

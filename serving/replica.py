@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from stitchlib.gate import FrontDecision, ServedRoute, served_front
 from stitchlib.types import SamplingParams
 
 from .budget import Budget, parse_budget
@@ -125,6 +126,7 @@ class PaletteReplica:
             profiles = await self.engine.profile(prompt_len=prof.prompt_len, decode_steps=prof.decode_steps,
                                                  batch_sizes=tuple(prof.batch_sizes))
         self.profiles = profiles
+        self.front = self._served_front()
         if self.task == "chat":
             await self._warm_up()
         self.tracker = LatencyTracker(
@@ -150,6 +152,23 @@ class PaletteReplica:
         self.engine.on_step = self._on_step  # after the warm-up: its steps must not land on the EWMA
         log.info("palette %s (%s): %d stitches ready in %.1fs (latency profile: %s)", self.model, self.task,
                  len(profiles), time.perf_counter() - t0, self.profile_source)
+
+    def _served_front(self) -> dict[str, FrontDecision]:
+        """Which deployed stitches budgets are routed to, priced by this replica's own profile
+        (`stitchlib.gate.served_front`); every one when `min_latency_saving` is null."""
+        stitches = self.engine.stitches
+        routes = [ServedRoute(s.id, s.quality, min(self.profiles[s.id].decode_step_s.items())[1]) for s in stitches]
+        if self.cfg.min_latency_saving is None:
+            return {r.id: FrontDecision(r.id, r.quality, r.cost_s, True, None, "served front off: every deployed "
+                                        "stitch is routed") for r in routes}
+        small = next(s.id for s in stitches if s.kind == "small")
+        large = next(s.id for s in stitches if s.kind == "large")
+        front = {d.id: d for d in served_front(routes, small_id=small, large_id=large,
+                                               min_saving=self.cfg.min_latency_saving)}
+        for d in front.values():
+            if not d.routed:
+                log.warning("palette %s: budgets skip stitch %s: %s", self.model, d.id, d.message)
+        return front
 
     async def _warm_up(self) -> None:
         """One short generation before taking traffic: the engine is built (caches, graphs) on first
@@ -198,9 +217,12 @@ class PaletteReplica:
         return self.tracker.margin("token", q), self.tracker.margin("request", q)
 
     def _candidates(self, *, prompt_tokens: int, max_tokens: int, rows: int,
-                    margins: tuple[float, float] = (1.0, 1.0)) -> list[StitchCandidate]:
+                    margins: tuple[float, float] = (1.0, 1.0), pin: str | None = None) -> list[StitchCandidate]:
+        """The routed stitches (the served front), or with `pin` every deployed one."""
         out = []
         for s in self.engine.stitches:
+            if pin is None and not self.front[s.id].routed:
+                continue
             est = self.tracker.estimate(s.id, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                                         task=self.task, batch_rows=rows)
             out.append(StitchCandidate(s.id, s.params, s.gflops, s.quality, est.token_s * margins[0],
@@ -215,7 +237,8 @@ class PaletteReplica:
         if budget is None:
             budget = self.default_budget
         self._route_margins = margins = self._margins()
-        cands = self._candidates(prompt_tokens=prompt_tokens, max_tokens=max_tokens, rows=rows, margins=margins)
+        cands = self._candidates(prompt_tokens=prompt_tokens, max_tokens=max_tokens, rows=rows, margins=margins,
+                                 pin=pin)
         if pin is not None:
             cands = [c for c in cands if c.id == pin]
             if not cands:
@@ -494,7 +517,8 @@ class PaletteReplica:
                 bytes=s.bytes, quality=s.quality, metrics=s.metrics, prefill_s_per_token=p.prefill_s_per_token,
                 decode_step_s=p.decode_step_s, correction=self.tracker.correction(s.id),
                 latency_ms=est.token_s * 1e3, prefill_share=self.tracker.prefill_share(),
-                active_requests=self.tracker.active[s.id],
+                active_requests=self.tracker.active[s.id], routed=self.front[s.id].routed,
+                shadowed_by=self.front[s.id].shadowed_by, route_note=self.front[s.id].message,
                 replica=self.replica))
         return out
 

@@ -98,20 +98,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from tqdm.auto import tqdm
-
     from .engine.profile import save_profile
+    from .gate import MIN_SAVING, ServedRoute, served_front
     from .runtime import PaletteRuntime
 
     if args.threads:
         torch.set_num_threads(args.threads)
     rt = PaletteRuntime.load(args.palette, device=args.device, dtype=args.dtype, quantize=args.quantize,
                              progress=not args.json)
-    ids = [s.id for s in rt.stitches]
-    profiles = {}
-    for sid in tqdm(ids, desc="profiling", unit="stitch", disable=args.json):
-        profiles.update(rt.profile([sid], prompt_len=args.prompt_len, decode_steps=args.decode_steps,
-                                   batch_sizes=tuple(sorted(set(args.batch_sizes)))))
+    profiles = rt.profile(prompt_len=args.prompt_len, decode_steps=args.decode_steps,
+                          batch_sizes=tuple(sorted(set(args.batch_sizes))), progress=not args.json)
     meta = {**rt.profile_meta(), "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
             "batch_sizes": sorted(set(args.batch_sizes))}
     suffix = quantize_suffix(args.quantize)
@@ -120,13 +116,22 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         print(out.read_text())
         return 0
     sizes = sorted(set(args.batch_sizes))
-    print(f"{'stitch':<10} {'prefill ms/tok':>14} " + " ".join(f"{'step@' + str(b) + ' ms':>11}" for b in sizes))
+    # what a replica serving this table routes budgets to (serving's min_latency_saving, default)
+    small = next(s.id for s in rt.stitches if s.kind == "small")
+    large = next(s.id for s in rt.stitches if s.kind == "large")
+    front = {d.id: d for d in served_front([ServedRoute(s.id, s.quality, profiles[s.id].decode_step_s[sizes[0]])
+                                            for s in rt.stitches], small_id=small, large_id=large)}
+    print(f"{'stitch':<10} {'prefill ms/tok':>14} " + " ".join(f"{'step@' + str(b) + ' ms':>11}" for b in sizes)
+          + f"  budgets ({MIN_SAVING:.0%} served front)")
+
     def ms(seconds: float | None) -> float | None:  # a batch size may be missing from a profile
         return None if seconds is None else seconds * 1e3
 
     for sid, p in profiles.items():
+        d = front[sid]
         print(f"{sid:<10} {num_cell(ms(p.prefill_s_per_token), '14.3f'):>14} "
-              + " ".join(f"{num_cell(ms(p.decode_step_s.get(b)), '11.2f'):>11}" for b in sizes))
+              + " ".join(f"{num_cell(ms(p.decode_step_s.get(b)), '11.2f'):>11}" for b in sizes)
+              + ("  routed" if d.routed else f"  skipped: {d.shadowed_by} answers better for under {MIN_SAVING:.0%} more"))
     print(f"wrote {out} ({meta.get('device') or 'unknown device'}); serve it with  profile: {{table: {out}}}")
     return 0
 

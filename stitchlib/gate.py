@@ -227,3 +227,79 @@ def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small",
             raise ValueError(f"prior decisions must be drops of routes not among the candidates: {sorted(clash)}")
         decisions = sorted(decisions + list(prior), key=lambda d: (d.cost, d.id not in (small_id, large_id)))
     return GateResult(decisions, small_id, large_id, qs, ql, min_gain, z)
+
+
+# ---- the served front: the same promise priced in the served mode's measured latency -------------------
+@dataclass(frozen=True)
+class ServedRoute:
+    """A deployed route as a replica measured it. quality: the figure the router maximises (higher is
+    better); cost_s: measured seconds per decode step at batch 1 in the served mode (dtype, quantization,
+    device) on this machine."""
+
+    id: str
+    quality: float
+    cost_s: float
+
+
+@dataclass(frozen=True)
+class FrontDecision:
+    id: str
+    quality: float
+    cost_s: float
+    routed: bool
+    shadowed_by: str | None  # the better route that costs no more than (1 - min_saving) less, when not routed
+    message: str
+
+
+# Default `min_saving`: a route is budget-routed only when it measures at least this share cheaper than
+# every better route. Above the spread of an interleaved start-up profile (median of 8 steps each, taken
+# in turn: ~1 % on the 2-core CPU, benchmarks/QUANT.md 3.5) and below every real saving measured on the
+# Qwen pair but one (s0-l1 vs the large anchor under int4-width weights: 0-1 %).
+MIN_SAVING = 0.03
+
+
+def served_front(routes: Sequence[ServedRoute], *, small_id: str, large_id: str,
+                 min_saving: float = MIN_SAVING) -> list[FrontDecision]:
+    """Which deployed routes budgets are routed to, given what each costs in the served mode.
+
+    The palette's gate (`select_deployment`) priced routes in FLOPs when the palette was built; the
+    served mode prices them again. Under int4-width weights a stitch that saves one block of FLOPs
+    may read as many bytes as the larger route above it, and then a request routed there pays the larger
+    route's time for a worse answer. So, best quality first: the large anchor is routed; every other
+    route is routed only when it is cheaper than the cheapest better routed route by at least
+    `min_saving` of that route's cost, else it is shadowed by that route (still served when pinned
+    by X-Stitch-Id). The small anchor is always routed: it is the floor every budget falls back on.
+    Equal quality: the cheaper first. Returns one decision per route, in the order given."""
+    if not (0 <= min_saving < 1 and math.isfinite(min_saving)):
+        raise ValueError(f"min_saving must lie in [0, 1), got {min_saving}")
+    ids = [r.id for r in routes]
+    if len(set(ids)) != len(ids):
+        raise ValueError("route ids must be unique")
+    for aid in (small_id, large_id):
+        if aid not in ids:
+            raise ValueError(f"the anchor {aid!r} is not among the routes")
+    bad = [r.id for r in routes if not (math.isfinite(r.cost_s) and r.cost_s > 0 and math.isfinite(r.quality))]
+    if bad:
+        raise ValueError(f"routes without a finite positive cost and a finite quality: {', '.join(bad)}")
+    out: dict[str, FrontDecision] = {}
+    ceiling: ServedRoute | None = None  # the cheapest routed route better than the ones still to walk
+    order = sorted(routes, key=lambda r: (r.id != large_id, -r.quality, r.cost_s, r.id))
+    for r in order:
+        ms = f"{r.cost_s * 1e3:.4g} ms"
+        if r.id in (small_id, large_id):
+            out[r.id] = FrontDecision(r.id, r.quality, r.cost_s, True, None,
+                                      f"{'small' if r.id == small_id else 'large'} anchor ({ms}): always routed")
+        elif ceiling is not None and r.cost_s > (1 - min_saving) * ceiling.cost_s:
+            out[r.id] = FrontDecision(
+                r.id, r.quality, r.cost_s, False, ceiling.id,
+                f"measures {ms} per decode step, not {min_saving:.0%} under {ceiling.id}'s "
+                f"{ceiling.cost_s * 1e3:.4g} ms, which answers better: budgets go to {ceiling.id} or a cheaper "
+                "route instead (X-Stitch-Id still reaches it)")
+            continue
+        else:
+            out[r.id] = FrontDecision(r.id, r.quality, r.cost_s, True, None,
+                                      f"{ms} per decode step: cheaper than every better route by at least "
+                                      f"{min_saving:.0%}")
+        if ceiling is None or r.cost_s < ceiling.cost_s:
+            ceiling = r
+    return [out[i] for i in ids]

@@ -136,12 +136,14 @@ class PaletteRuntime:
     # ---- profiling ----------------------------------------------------------------------------
     @torch.no_grad()
     def profile(self, stitch_ids: list[str] | None = None, *, prompt_len: int = 32, decode_steps: int = 8,
-                batch_sizes: tuple[int, ...] = (1,)) -> dict[str, StitchProfile]:
+                batch_sizes: tuple[int, ...] = (1,), progress: bool = False) -> dict[str, StitchProfile]:
         """Measure on this hardware: prefill seconds per prompt token and seconds per decode step
-        at each batch size (median of `decode_steps` steps, after one warm-up)."""
+        at each batch size (median of `decode_steps` steps, after one warm-up; the stitches' steps
+        interleaved)."""
         vocab = min(len(self.tokenizer), self.model.small_anchor.stats.vocab_size)
         return profile_stitches(self.model, stitch_ids or [s.id for s in self.stitches], prompt_len=prompt_len,
-                                decode_steps=decode_steps, batch_sizes=tuple(batch_sizes), vocab=vocab)
+                                decode_steps=decode_steps, batch_sizes=tuple(batch_sizes), vocab=vocab,
+                                progress=progress)
 
     def profile_meta(self) -> dict:
         """What a saved profile table records about where it was measured (and is checked against)."""

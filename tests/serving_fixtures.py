@@ -71,29 +71,63 @@ def profile_table(palettes: dict[str, Path]) -> Path:
     return out
 
 
+# The chat palette's stitch that the `tight` app's crafted profile table prices at the large anchor's cost
+# (its served front must shadow it), and the decode-step seconds that table gives the small anchor.
+SHADOWED = -2  # index among the deployed stitches, cheapest first: the last stitch before the large anchor
+FRONT_BASE_S = 0.004
+
+
+def front_table(palettes: dict[str, Path]) -> Path:
+    """The chat palette's latency table as `stitchserve profile` writes it, its batch-1 decode steps then
+    set by hand: each deployed route 10 % dearer than the one below it, except stitch SHADOWED, which
+    costs exactly what the large anchor costs (the tiny pair's own steps are all ~equal and noisy)."""
+    import json
+
+    from stitchlib.cli import main
+    from stitchlib.palette import read_manifest
+
+    out = palettes["tinychat"] / "profile-front.json"
+    if not out.is_file():
+        assert main(["profile", str(palettes["tinychat"]), "--out", str(out), "--prompt-len", "8",
+                     "--decode-steps", "2", "--batch-sizes", "1", "--json"]) == 0
+        doc = json.loads(out.read_text())
+        ids = [s.id for s in sorted(read_manifest(palettes["tinychat"]).deployed(), key=lambda s: s.gflops)]
+        cost = {sid: FRONT_BASE_S * 1.1 ** i for i, sid in enumerate(ids)}
+        cost[ids[SHADOWED]] = cost[ids[-1]]
+        for sid, c in cost.items():
+            doc["stitches"][sid]["decode_step_s"] = {"1": c}
+        out.write_text(json.dumps(doc, indent=2))
+    return out
+
+
 def serve_config(palettes: dict[str, Path], port: int):
     from serving.config import ServeConfig
 
     dep = {"ray_actor_options": {"num_cpus": 0.5}}
     return ServeConfig(
         palettes=[
+            # the served front off: the tiny pair's stitches all cost about the same, and noise would
+            # shadow some at random (the `tight` app tests the front on a crafted table)
             {"path": str(palettes["tinychat"]), "profile": SMALL_PROFILE, "deployment": dep,
-             "max_batch_size": 4, "max_prompt_tokens": 256, "max_inflight": 6, "max_tokens_limit": 1000},
+             "max_batch_size": 4, "max_prompt_tokens": 256, "max_inflight": 6, "max_tokens_limit": 1000,
+             "min_latency_saving": None},
             # the classify replica reads a saved latency table (`stitchserve profile`) instead of measuring
             {"path": str(palettes["tinycls"]), "profile": {**SMALL_PROFILE, "table": str(profile_table(palettes))},
-             "deployment": dep, "default_budget": "500k"},
+             "deployment": dep, "default_budget": "500k", "min_latency_saving": None},
         ],
         port=port, api_key=API_KEY, request_timeout_s=60)
 
 
 def tight_config(palettes: dict[str, Path], port: int):
     """A second application: no API key, 1 s request timeout, one request per replica and a queue of one,
-    so Serve's own back-pressure (503) and the ingress timeout (504) are reachable."""
+    so Serve's own back-pressure (503) and the ingress timeout (504) are reachable; its latency table is
+    `front_table`'s, and its served front is on (the default `min_latency_saving`)."""
     from serving.config import ServeConfig
 
     return ServeConfig(
         app_name="tight", route_prefix="/tight", port=port, request_timeout_s=1.0,
-        palettes=[{"path": str(palettes["tinychat"]), "profile": SMALL_PROFILE, "max_batch_size": 1,
+        palettes=[{"path": str(palettes["tinychat"]), "max_batch_size": 1,
+                   "profile": {**SMALL_PROFILE, "batch_sizes": [1], "table": str(front_table(palettes))},
                    "deployment": {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 1,
                                   "max_queued_requests": 1}}])
 

@@ -329,6 +329,31 @@ def test_profile_table_round_trip(pst_model, tmp_path):
     assert back == profs and meta == {"device": "cpu"}
 
 
+def test_profile_interleaves_the_stitches_steps(pst_model, monkeypatch):
+    """The profile times one decode step of each stitch in turn (one engine each, caches sized for the
+    profile's positions), so stitches that cost about the same are compared under the same conditions."""
+    from stitchlib.engine import profile as prof_mod
+
+    order, built = [], []
+    real_burst, real_init = StitchEngine.decode_burst, StitchEngine.__init__
+
+    def burst(self, steps):
+        order.append(self.cfg.stitches[0])
+        return real_burst(self, steps)
+
+    def init(self, model, config=None, **kw):
+        built.append(config)
+        real_init(self, model, config, **kw)
+
+    monkeypatch.setattr(StitchEngine, "decode_burst", burst)
+    monkeypatch.setattr(StitchEngine, "__init__", init)
+    prof_mod.profile_stitches(pst_model, ["small", "s2-l3", "large"], prompt_len=6, decode_steps=3, batch_sizes=(1, 2))
+    assert [c.stitches for c in built] == [["small"], ["s2-l3"], ["large"]]
+    assert {c.max_seq_len for c in built} == {64} and {c.max_slots for c in built} == {2}  # 6+1+3+1 -> kv_block
+    # per batch size: one warm-up step of each, then 3 rounds of one timed step each
+    assert order == (["small", "s2-l3", "large"] * 4) * 2
+
+
 def test_runtime_accepts_only_a_profile_table_measured_for_it(tmp_path):
     """`stitchserve profile` writes the table; the runtime takes it only for its own device type, device,
     dtype, anchor pair and deployed stitches, and says why otherwise (an error value, not an exception)."""

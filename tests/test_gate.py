@@ -254,3 +254,55 @@ def test_quickstart_formatting_tolerates_missing_figures():
     real = [{"latency_ms": 91.13, "gflops": 1.031963}, {"latency_ms": 209.94, "gflops": 2.5612},
             {"latency_ms": 293.54, "gflops": 3.175}]
     assert _budgets(real)[2:4] == ["2.562GFLOPs", "210ms/token"]
+
+
+# ---- the served front: deployed routes priced again by measured latency ------------------------------
+def test_served_front_shadows_routes_not_measurably_cheaper_than_a_better_one():
+    """Best quality first: a route is routed only when it costs at least min_saving less than the cheapest
+    better routed route; the anchors always are. Numbers: s0-l1 vs large under int4-width weights
+    (34.81 vs 34.74 ms, benchmarks/QUANT.md 3.4) is shadowed; s6-l7 2 ms under is not."""
+    from stitchlib.gate import ServedRoute, served_front
+
+    routes = [ServedRoute("small", -1.3, 0.0198), ServedRoute("s7-l9", -1.2, 0.0301),
+              ServedRoute("s6-l7", -1.1, 0.0326), ServedRoute("s0-l1", -1.0, 0.03481),
+              ServedRoute("large", -0.9, 0.03474)]
+    d = {x.id: x for x in served_front(routes, small_id="small", large_id="large")}
+    assert [x.id for x in served_front(routes, small_id="small", large_id="large")] == [r.id for r in routes]
+    assert {k: (v.routed, v.shadowed_by) for k, v in d.items()} == {
+        "small": (True, None), "s7-l9": (True, None), "s6-l7": (True, None), "s0-l1": (False, "large"),
+        "large": (True, None)}
+    assert "34.81 ms" in d["s0-l1"].message and "not 3% under large's 34.74 ms" in d["s0-l1"].message
+    # s6-l7 is 6.2 % under large: a 7 % margin shadows it too, and then s7-l9 is measured against large
+    d7 = {x.id: x for x in served_front(routes, small_id="small", large_id="large", min_saving=0.07)}
+    assert (d7["s6-l7"].routed, d7["s6-l7"].shadowed_by, d7["s7-l9"].routed) == (False, "large", True)
+    # 0: only a route that costs more than a better one is shadowed (s0-l1 by 0.07 ms)
+    d0 = {x.id: x.routed for x in served_front(routes, small_id="small", large_id="large", min_saving=0.0)}
+    assert d0 == {"small": True, "s7-l9": True, "s6-l7": True, "s0-l1": False, "large": True}
+
+
+def test_served_front_measures_against_the_cheapest_better_route_and_keeps_anchors():
+    """A route under a shadowed one is compared with the routed route above it, not the shadowed one;
+    the small anchor stays routed even when a better route costs no more."""
+    from stitchlib.gate import ServedRoute, served_front
+
+    routes = [ServedRoute("small", 1.0, 0.010), ServedRoute("a", 2.0, 0.0099), ServedRoute("b", 3.0, 0.0185),
+              ServedRoute("c", 4.0, 0.019), ServedRoute("large", 5.0, 0.030)]
+    d = {x.id: (x.routed, x.shadowed_by) for x in served_front(routes, small_id="small", large_id="large")}
+    # c is routed (37 % under large); b is 2.6 % under c: shadowed by c; a is far under c: routed
+    assert d == {"small": (True, None), "a": (True, None), "b": (False, "c"), "c": (True, None),
+                 "large": (True, None)}
+
+
+@pytest.mark.parametrize("routes, kw, needle", [
+    ([("small", 1.0, 0.01)], {}, "anchor 'large' is not among"),
+    ([("small", 1.0, 0.01), ("large", 2.0, 0.0)], {}, "finite positive cost"),
+    ([("small", 1.0, 0.01), ("large", float("nan"), 0.02)], {}, "finite quality"),
+    ([("small", 1.0, 0.01), ("small", 1.0, 0.01), ("large", 2.0, 0.02)], {}, "unique"),
+    ([("small", 1.0, 0.01), ("large", 2.0, 0.02)], {"min_saving": 1.0}, "min_saving must lie in [0, 1)"),
+])
+def test_served_front_refuses_bad_input(routes, kw, needle):
+    from stitchlib.gate import ServedRoute, served_front
+
+    with pytest.raises(ValueError) as e:
+        served_front([ServedRoute(*r) for r in routes], small_id="small", large_id="large", **kw)
+    assert needle in str(e.value)

@@ -380,6 +380,36 @@ def test_backpressure_503_and_ingress_timeout_504(served):
     assert r.json()["error"]["type"] == "timeout" and "1s" in r.json()["error"]["message"]
 
 
+def test_served_front_skips_a_stitch_no_cheaper_than_a_better_one(served):
+    """The `tight` app's table prices one stitch at exactly the large anchor's decode step: budgets never
+    go to it (a request there would pay the large anchor's time for a worse answer), /v1/stitches says
+    why, and X-Stitch-Id still reaches it. The main app (front off) routes the same budget to it."""
+    from serving_fixtures import FRONT_BASE_S, SHADOWED
+
+    base = served.base_url + "/tight"
+    data = sorted(httpx.get(base + "/v1/stitches").json()["data"], key=lambda s: s["gflops"])
+    shadowed, large, below = data[SHADOWED], data[-1], data[SHADOWED - 1]
+    assert [s["id"] for s in data if not s["routed"]] == [shadowed["id"]]
+    assert shadowed["shadowed_by"] == "large" == large["id"]
+    assert "not 3% under large's" in shadowed["route_note"] and "X-Stitch-Id still reaches it" in shadowed["route_note"]
+    assert shadowed["decode_step_s"]["1"] == large["decode_step_s"]["1"]
+    assert data[0]["decode_step_s"]["1"] == pytest.approx(FRONT_BASE_S, rel=1e-12)
+    assert all(s["routed"] and s["shadowed_by"] is None for s in data if s["id"] != shadowed["id"])
+    body = {"model": CHAT, "messages": HI, "max_tokens": 2, "temperature": 0}
+    between = f"{(shadowed['gflops'] + large['gflops']) / 2 * 1e3:.6f}MFLOPs"  # fits the shadowed stitch, not large
+
+    def post(url, **headers):
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.headers["x-stitch-id"], r.headers["x-budget-met"]
+
+    assert post(base, **{"X-Compute-Budget": between}) == (below["id"], "true")
+    assert post(base, **{"X-Stitch-Id": shadowed["id"]})[0] == shadowed["id"]
+    assert post(base)[0] == "large"
+    assert post(served.base_url, Authorization=f"Bearer {API_KEY}", **{"X-Compute-Budget": between}) == \
+        (shadowed["id"], "true")
+
+
 # ---- batching, disconnects, metrics -----------------------------------------------------------------
 def _budget(stitch: dict) -> str:
     """A parameter budget that routes to exactly this stitch (the best one within it)."""

@@ -48,6 +48,8 @@ def test_relative_paths_become_absolute(palettes, monkeypatch):
     ({"path": "x", "percent_basis": "watts"}, "percent_basis"),
     ({"path": "x", "max_concurrent_batches": 2}, "palettes.0: max_concurrent_batches was removed"),
     ({"path": "x", "max_seq_len": 1}, "max_seq_len: Input should be greater than or equal to 2"),
+    ({"path": "x", "min_latency_saving": 1.0}, "min_latency_saving: Input should be less than 1"),
+    ({"path": "x", "min_latency_saving": -0.1}, "min_latency_saving: Input should be greater than or equal to 0"),
 ])
 def test_invalid_palette_config_is_one_clear_line(palette, needle):
     with pytest.raises(ServeConfigError) as e:

@@ -46,53 +46,84 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_step(engine: StitchEngine, fn=None) -> float:
+    """Seconds of one `fn()` (default: one decode step of `engine`), the device synchronised around it."""
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    (fn or (lambda: engine.decode_burst(1)))()
+    _sync(engine.device)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def interleaved_steps(engines: dict[str, StitchEngine], steps: int, on_step=lambda: None) -> dict[str, list[float]]:
+    """Seconds of `steps` decode steps of each warm engine, taken in turn (one step of each per round):
+    engines compared with each other see the same machine conditions, step for step."""
+    out: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(steps):
+        for k, e in engines.items():
+            out[k].append(timed_step(e))
+            on_step()
+    return out
+
+
 @torch.no_grad()
 def profile_stitches(model: StitchedLM, stitch_ids: list[str] | None = None, *, prompt_len: int = 32,
                      decode_steps: int = 8, batch_sizes: tuple[int, ...] = (1,), vocab: int | None = None,
-                     config: EngineConfig | None = None, seed: int = 0) -> dict[str, StitchProfile]:
+                     config: EngineConfig | None = None, seed: int = 0,
+                     progress: bool = False) -> dict[str, StitchProfile]:
     """Prefill seconds per prompt token (at the first batch size, after a warm-up prefill) and the
     median decode-step seconds at each batch size (after one warm-up step, which also captures the
-    step's CUDA graph on GPU). Random prompts: timing does not depend on token values."""
+    step's CUDA graph on GPU). Random prompts, the same for every stitch: timing does not depend on
+    token values.
+
+    Interleaved: one engine per stitch (its caches sized for the profile's few positions), and every
+    timed step of one stitch is followed by one of each other stitch. Routes that cost within a few
+    percent of each other (a stitch one block off an anchor) are then compared under the same
+    machine conditions, step for step, not seconds apart while memory bandwidth drifts: the served
+    front (`stitchlib.gate.served_front`) decides on these numbers. `progress`: a bar over the timed steps."""
+    from tqdm.auto import tqdm
+
     ids = stitch_ids or [s.id for s in model.stitches]
     warm = 1
     base = config or EngineConfig()
-    cfg = base.model_copy(update=dict(max_slots=max(batch_sizes), stitches=ids,
-                                      max_seq_len=max(base.max_seq_len, prompt_len + warm + decode_steps + 1)))
-    engine = StitchEngine(model, cfg)
-    dev = engine.device
+    # what the steps need, rounded up as the engine rounds attention spans (kv_block): the steps attend
+    # over as many positions as a serving engine's would
+    positions = -(-(prompt_len + warm + decode_steps + 1) // base.kv_block) * base.kv_block
+    engines = {sid: StitchEngine(model, base.model_copy(update=dict(max_slots=max(batch_sizes), stitches=[sid],
+                                                                      max_seq_len=positions)))
+               for sid in ids}
     vocab = vocab or model.small_anchor.stats.vocab_size
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=warm + decode_steps + 1, temperature=0.0)
-    out: dict[str, StitchProfile] = {}
-    for sid in ids:
-        prefill, decode = None, {}
-        for bs in batch_sizes:
-            prompts = torch.randint(0, vocab, (bs, prompt_len), generator=g).tolist()
-            for attempt in (("warm",) if prefill is None else ()) + ("timed",):
-                rids = [engine.add_request(p, sid, params) for p in prompts]
-                _sync(dev)
-                t0 = time.perf_counter()
-                engine.step()  # nothing running: this is exactly the prefill (and first token) of the batch
-                _sync(dev)
-                t_pre = time.perf_counter() - t0
+
+    bar = tqdm(total=len(ids) * (1 + len(batch_sizes) * (decode_steps + 2)), desc="profiling", unit="step",
+               disable=not progress)
+    prefill: dict[str, float] = {}
+    decode: dict[str, dict[int, float]] = {sid: {} for sid in ids}
+    for n, bs in enumerate(batch_sizes):
+        prompts = torch.randint(0, vocab, (bs, prompt_len), generator=g).tolist()
+        rids: dict[str, list[int]] = {}
+        for attempt in (("warm", "timed") if n == 0 else ("timed",)):
+            for sid, e in engines.items():
+                rids[sid] = [e.add_request(p, sid, params) for p in prompts]
+                t = timed_step(e, e.step)  # nothing running: this is exactly the prefill (and first token) of the batch
+                bar.update()
                 if attempt == "warm":
-                    for r in rids:
-                        engine.abort(r)
-            engine.decode_burst(warm)
-            steps = []
-            for _ in range(decode_steps):
-                _sync(dev)
-                t0 = time.perf_counter()
-                engine.decode_burst(1)
-                _sync(dev)
-                steps.append(time.perf_counter() - t0)
-            for r in rids:
-                engine.abort(r)
-            if prefill is None:
-                prefill = t_pre / (bs * prompt_len)
-            decode[bs] = statistics.median(steps)
-        out[sid] = StitchProfile(prefill_s_per_token=prefill, decode_step_s=decode)
-    return out
+                    for r in rids[sid]:
+                        e.abort(r)
+                elif n == 0:
+                    prefill[sid] = t / (bs * prompt_len)
+        for e in engines.values():
+            e.decode_burst(warm)
+            bar.update()
+        steps = interleaved_steps(engines, decode_steps, on_step=bar.update)
+        for sid, e in engines.items():
+            for r in rids[sid]:
+                e.abort(r)
+            decode[sid][bs] = statistics.median(steps[sid])
+    bar.close()
+    return {sid: StitchProfile(prefill_s_per_token=prefill[sid], decode_step_s=decode[sid]) for sid in ids}
 
 
 def save_profile(path: str | Path, profiles: dict[str, StitchProfile], meta: dict | None = None) -> Path:
