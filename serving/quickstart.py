@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     cfg_path = cache_root() / "quickstart-serve.yaml"
     cfg_path.write_text(yaml.safe_dump({"port": args.port, "palettes": [{
         "path": str(palette), "quantize": args.quantize,
-        "profile": {"prompt_len": 16, "decode_steps": 4, "batch_sizes": [1, 4]}}]}))
+        "profile": {"prompt_len": 16, "decode_steps": 8, "batch_sizes": [1, 4]}}]}))
     cmd = [sys.executable, "-m", "stitchlib.cli", "serve", "--config", str(cfg_path), "--replicas", "1"]
     log_path = cache_root() / "logs" / "quickstart-serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,12 +177,18 @@ def run(args: argparse.Namespace) -> int:
         model = stitches[0]["model"]
         # quality is the palette's measured neg_loss: print it as the held-out response NLL
         nll = _nll_by_stitch(palette)
-        print(f"\n{'stitch':<10} {'params':>14} {'GFLOPs':>8} {'ms/token (measured)':>20} {'held-out NLL':>13}")
+        print(f"\n{'stitch':<10} {'params':>14} {'GFLOPs':>8} {'ms/token (measured)':>20} {'held-out NLL':>13}  budgets")
         for s in stitches:
+            routed = "routed" if s.get("routed", True) else f"skipped for {s.get('shadowed_by')}"
             print(f"{s['id']:<10} {_fmt(s.get('params'), ',.0f'):>14} {_fmt(s.get('gflops'), '.3f'):>8} "
-                  f"{_fmt(s.get('latency_ms'), '.1f'):>20} {_fmt(nll.get(s['id']), '.3f'):>13}")
+                  f"{_fmt(s.get('latency_ms'), '.1f'):>20} {_fmt(nll.get(s['id']), '.3f'):>13}  {routed}")
         print("(held-out NLL: response tokens of chat examples the palette never calibrated on, lower is better; "
               "a larger budget buys a lower one. Train the palette for more: stitchserve adapt)")
+        if not all(s.get("routed", True) for s in stitches):
+            from stitchlib.gate import MIN_SAVING
+
+            print(f"(skipped: measured here, not {MIN_SAVING:.0%} faster than a route that answers better; budgets "
+                  "go there instead, X-Stitch-Id still reaches it: min_latency_saving in the serving config)")
         print(f"\n{'X-Compute-Budget':<22} {'stitch':<10} {'met':<6} {'est ms/tok':>10} {'took s':>7}  reply")
         for budget in _budgets(stitches):
             headers = {"X-Compute-Budget": budget} if budget else {}

@@ -391,7 +391,7 @@ def test_served_front_skips_a_stitch_no_cheaper_than_a_better_one(served):
     shadowed, large, below = data[SHADOWED], data[-1], data[SHADOWED - 1]
     assert [s["id"] for s in data if not s["routed"]] == [shadowed["id"]]
     assert shadowed["shadowed_by"] == "large" == large["id"]
-    assert "not 3% under large's" in shadowed["route_note"] and "X-Stitch-Id still reaches it" in shadowed["route_note"]
+    assert "not 2% under large's" in shadowed["route_note"] and "X-Stitch-Id still reaches it" in shadowed["route_note"]
     assert shadowed["decode_step_s"]["1"] == large["decode_step_s"]["1"]
     assert data[0]["decode_step_s"]["1"] == pytest.approx(FRONT_BASE_S, rel=1e-12)
     assert all(s["routed"] and s["shadowed_by"] is None for s in data if s["id"] != shadowed["id"])
