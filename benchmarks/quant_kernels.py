@@ -26,7 +26,6 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine_common import env_info, write_result

@@ -35,7 +35,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", help="bind address (default 127.0.0.1)")
     http.add_argument("--port", type=int, help="port (default 8000)")
-    http.add_argument("--api-key", help=f"require this Bearer key on every route (or env STITCHSERVE_API_KEY)")
+    http.add_argument("--api-key", help="require this Bearer key on every route (or env STITCHSERVE_API_KEY)")
     http.add_argument("--request-timeout", type=float, help="per-request timeout in seconds")
     rt = p.add_argument_group("palette deployments (applied to every --palette)")
     rt.add_argument("--replicas", type=int, help="replicas per palette (min replicas with --max-replicas)")
