@@ -85,6 +85,7 @@ class StitchLatencyStats:
     prefill_s_per_token: float
     decode_step_s: float  # profiled, batch 1
     estimated_token_s: float  # current estimate (profile x EWMA correction x load)
+    routed: bool = True  # on the served front: budgets are routed here (stitchlib.gate.served_front)
 
 
 # ---- loggers -----------------------------------------------------------------------------------
@@ -139,6 +140,8 @@ class RayServeStatLogger(StatLogger):
         self.decode = gauge("profiled_decode_step_seconds", "Start-up profile: seconds per decode step, batch 1.")
         self.estimate = gauge("estimated_token_latency_seconds",
                               "Current per-token latency estimate (profile x EWMA correction x load).")
+        self.routed = gauge("stitch_routed", "1 when budgets are routed to the stitch, 0 when the served front "
+                                             "skips it (not min_latency_saving cheaper than a better route).")
         # engine-wide (one engine step serves every stitch): model label only
         self.step_rows = Histogram(PREFIX + "engine_step_rows", description="Rows decoded together in one engine "
                                    "step, whatever their stitches.", boundaries=STEP_ROW_BUCKETS, tag_keys=("model",))
@@ -186,6 +189,7 @@ class RayServeStatLogger(StatLogger):
         self.prefill.set(s.prefill_s_per_token, tags=t)
         self.decode.set(s.decode_step_s, tags=t)
         self.estimate.set(s.estimated_token_s, tags=t)
+        self.routed.set(1.0 if s.routed else 0.0, tags=t)
 
     def record_step(self, s: EngineStepStats) -> None:
         t = {"model": s.model}

@@ -187,7 +187,8 @@ class PaletteReplica:
         p = self.profiles[sid]
         b1 = p.decode_step_s[min(p.decode_step_s)]
         est = self.tracker.estimate(sid, prompt_tokens=1, task=self.task)
-        self.metrics.record_latency(StitchLatencyStats(self.model, sid, p.prefill_s_per_token, b1, est.token_s))
+        self.metrics.record_latency(StitchLatencyStats(self.model, sid, p.prefill_s_per_token, b1, est.token_s,
+                                                       routed=self.front[sid].routed))
 
     def _record_scheduler(self) -> None:
         """Running rows and waiting requests per stitch: as the engine reported them after its last

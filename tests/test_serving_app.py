@@ -408,6 +408,16 @@ def test_served_front_skips_a_stitch_no_cheaper_than_a_better_one(served):
     assert post(base)[0] == "large"
     assert post(served.base_url, Authorization=f"Bearer {API_KEY}", **{"X-Compute-Budget": between}) == \
         (shadowed["id"], "true")
+    # and Prometheus says so: stitchserve_stitch_routed is 0 for it on the tight app only
+    def routed_gauge() -> dict:
+        m = scrape(httpx.get(served.base_url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text)
+        return {(dict(lab)["application"], dict(lab)["stitch"]): v for (n, lab), v in m.items()
+                if n == "stitchserve_stitch_routed" and dict(lab).get("model") == CHAT}
+
+    g = wait_for(lambda: (lambda d: d if ("tight", shadowed["id"]) in d and ("stitchserve", "large") in d else None)(
+        routed_gauge()), timeout=20)
+    assert g and g[("tight", shadowed["id"])] == 0 and g[("tight", "large")] == 1
+    assert all(v == 1 for (app, sid), v in g.items() if (app, sid) != ("tight", shadowed["id"]))
 
 
 # ---- batching, disconnects, metrics -----------------------------------------------------------------
