@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     cfg_path = cache_root() / "quickstart-serve.yaml"
     cfg_path.write_text(yaml.safe_dump({"port": args.port, "palettes": [{
         "path": str(palette), "quantize": args.quantize,
-        "profile": {"prompt_len": 16, "decode_steps": 8, "batch_sizes": [1, 4]}}]}))
+        "profile": {"prompt_len": 16, "decode_steps": 16, "batch_sizes": [1, 4]}}]}))
     cmd = [sys.executable, "-m", "stitchlib.cli", "serve", "--config", str(cfg_path), "--replicas", "1"]
     log_path = cache_root() / "logs" / "quickstart-serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

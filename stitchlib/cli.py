@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantize", default="none", type=quantize_arg, metavar=QUANTIZE_METAVAR,
                    help="quantized anchors, as serving loads them (benchmarks/QUANT.md)")
     s.add_argument("--prompt-len", type=int, default=32)
-    s.add_argument("--decode-steps", type=int, default=8)
+    s.add_argument("--decode-steps", type=int, default=16)
     s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     s.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     s.add_argument("--json", action="store_true", help="print the table as JSON, no progress")

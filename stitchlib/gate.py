@@ -252,10 +252,11 @@ class FrontDecision:
 
 
 # Default `min_saving`: a route is budget-routed only when it measures at least this share cheaper than
-# every better route. Twice the spread of an interleaved start-up profile (median of 8 steps each, taken
-# in turn: within ~1 % of the timed rounds' relative costs on the 2-core CPU, benchmarks/QUANT.md 3.5),
-# and half the smallest real saving between deployed routes of the Qwen pair under the quickstart's
-# weights (s7-l9 vs s6-l7, ~4 %); s0-l1 vs the large anchor under int4-width weights saves 0-0.7 %.
+# every better route. On the Qwen pair under the quickstart's weights the closest real savings are s0-l1
+# vs the large anchor (about none) and s7-l9 vs s6-l7 (-4 to -5 %). In 12 start-up profiles of 16
+# interleaved steps their ratios spread by ~0.6 % (standard deviation; 8 steps: 0.8-1.7 %), so 2 % is
+# 3-4 of them from either; one profile of the 12, disturbed, had them at -7 and -12 % (benchmarks/QUANT.md
+# 3.6). Erring towards routing matters more: a stitch wrongly skipped sends its budgets to a cheaper route.
 MIN_SAVING = 0.02
 
 

@@ -296,6 +296,20 @@ class StitchedLM(nn.Module):
         for m in self.pst_modules():
             m.merge_lora_()
 
+    @torch.no_grad()
+    def drop_zero_ssbs_(self) -> int:
+        """For serving: drop every stitch-specific bias table that is all zeros (a palette whose PST was
+        never trained, e.g. least-squares only, stores them so). Adding one changes no value (x + 0 == x),
+        but costs an index_select and an add per attention projection, block and step: ~1.7 ms of a
+        ~30 ms batch-1 step of the Qwen pair (benchmarks/QUANT.md 3.6). Returns how many were dropped.
+        Not for training or saving: the tables are the palette's parameters."""
+        n = 0
+        for m in self.pst_modules():
+            if m.ssb is not None and not bool(m.ssb.any()):
+                m.ssb = None
+                n += 1
+        return n
+
     def pst_to_(self, dtype: torch.dtype) -> None:
         """Cast PST tensors (kept fp32 for training) to the serving dtype."""
         for m in self.pst_modules():

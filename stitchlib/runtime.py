@@ -87,6 +87,10 @@ class PaletteRuntime:
             raise PaletteError(f"{palette_dir}: manifest names stitches this anchor pair does not have: "
                                f"{sorted(unknown)}")
         model.merge_lora_()
+        dropped = model.drop_zero_ssbs_()
+        if dropped:
+            log.info("%s: %d all-zero stitch-specific bias tables dropped (untrained PST: they add nothing)",
+                     manifest.name, dropped)
         model.pst_to_(resolve_dtype(dtype))
         model.to(dev).eval()
         if quantize != "none":  # on the device: the packed int4 layouts differ between CPU and CUDA

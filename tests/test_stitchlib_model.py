@@ -133,6 +133,30 @@ def test_merged_equals_unmerged(tiny_model, dtype, atol):
         torch.testing.assert_close(after[sid], before[sid], atol=atol, rtol=atol, msg=sid)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dropping_all_zero_ssbs_changes_no_logit(tiny_model, dtype):
+    """Serving drops the stitch-specific bias tables that are all zeros (an untrained PST): every
+    route's logits stay bit for bit; tables with any non-zero entry stay."""
+    model = tiny_model(dtype)
+    randomize_pst(model, scale=0.02)
+    mods = [m for m in model.pst_modules() if m.ssb is not None]
+    with torch.no_grad():
+        for m in mods[::2]:
+            m.ssb.zero_()
+        mods[1].ssb.zero_()
+        mods[1].ssb[-1, 0] = 0.5  # one non-zero entry keeps a table
+    ids = _ids()
+    with torch.no_grad():
+        before = {s.id: model(ids, s.id) for s in model.stitches}
+        n = model.drop_zero_ssbs_()
+        after = {s.id: model(ids, s.id) for s in model.stitches}
+    assert n == len(mods[::2]) and len(mods) > n > 0
+    assert [m.ssb is None for m in mods] == [i % 2 == 0 for i in range(len(mods))]
+    for sid in before:
+        assert torch.equal(after[sid], before[sid]), sid
+    assert model.drop_zero_ssbs_() == 0
+
+
 def test_merge_is_the_hand_computed_update(tiny_model):
     model = tiny_model()
     randomize_pst(model)
