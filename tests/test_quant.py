@@ -305,7 +305,7 @@ def test_fast_blocks_give_the_hf_block_call_s_numbers(mode, dtype):
     in prefill and decode, every stitch in one mixed batch: tokens and logprobs equal, bit for bit, to
     the HF block call over the same fused layers and to the HF call over separate layers."""
     from stitchlib.engine import EngineConfig, StitchEngine
-    from stitchlib.engine.blocks import fast_block
+    from stitchlib.engine.blocks import FastBlocks
     from stitchlib.engine.runner import call_layer
 
     fused, sep = _pair_model(mode, dtype=dtype), _pair_model(mode, dtype=dtype, fuse=False)
@@ -313,7 +313,7 @@ def test_fast_blocks_give_the_hf_block_call_s_numbers(mode, dtype):
     cfg = EngineConfig(max_slots=2 * len(sids), max_seq_len=48, stitches=sids)
     engines = [StitchEngine(fused, cfg), StitchEngine(fused, cfg.model_copy(update={"fast_blocks": False})),
                StitchEngine(sep, cfg)]
-    assert [e.block_fn for e in engines] == [fast_block, call_layer, call_layer]
+    assert isinstance(engines[0].block_fn, FastBlocks) and [e.block_fn for e in engines[1:]] == [call_layer] * 2
     params = SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=3)
     runs = []
     for e in engines:

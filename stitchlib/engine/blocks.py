@@ -17,6 +17,7 @@ a CUDA graph.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,13 @@ from .cache import StaticKVCache
 from .runner import call_layer
 
 
-def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _rms(weight: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor:
     """Qwen2RMSNorm.forward."""
     dtype = x.dtype
     h = x.to(torch.float32)
     var = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(var + norm.variance_epsilon)
-    return norm.weight * h.to(dtype)
+    h = h * torch.rsqrt(var + eps)
+    return weight * h.to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -43,58 +44,100 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
 
-def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """m(x) for a PSTLinear over a QuantLinear (o_proj) or a QuantLinear, without the module-call path."""
-    if type(m) is PSTLinear:
-        y = _linear(m.base, x)
-        if m.lora_a is not None:
-            y = y + m._lora(x)
-        if m.ssb is not None and m.route.slots is not None:
-            y = y + _bias_for(m.ssb, m.route.slots, y)
-        return y
-    return m.forward(x)
+class BlockParts(NamedTuple):
+    """What `fast_block` reads of one decoder block. Looked up from the modules on every call when the
+    block call is compiled (dynamo traces the lookups away); an eager engine looks them up once per
+    block (`FastBlocks`): ~1,400 nn.Module attribute lookups per decode step of the 1.5B anchor."""
+
+    ln1: torch.Tensor  # input_layernorm.weight
+    eps1: float
+    qkv: Callable  # the fused q/k/v QuantLinear's forward
+    qkv_ssbs: tuple  # (ssb table, first column, end column) of q / k / v wrappers that have one
+    route: object  # the model's RouteState (slots of the rows in this call)
+    nq: int
+    nk: int
+    head_dim: int
+    rep: int  # num_key_value_groups
+    scaling: float
+    o: Callable  # o_proj's QuantLinear forward (its PSTLinear wrapper's SSB below)
+    o_ssb: torch.Tensor | None
+    ln2: torch.Tensor
+    eps2: float
+    gate_up: Callable
+    n: int  # gate_proj.out_features
+    act: Callable
+    down: Callable
 
 
-def _add_ssbs_(y: torch.Tensor, parts: list[nn.Module]) -> torch.Tensor:
-    """PSTLinear's stitch-specific bias of each q/k/v wrapper, added to its columns of the fused output
-    (in place: the same element-wise add PSTLinear does out of place)."""
-    for m in parts:
-        if type(m) is PSTLinear and m.ssb is not None and m.route.slots is not None:
-            piece = y[..., m.base.start:m.base.stop]
-            piece.add_(_bias_for(m.ssb, m.route.slots, piece))
-    return y
+def block_parts(layer: nn.Module) -> BlockParts:
+    """`BlockParts` of a block `supports_fast_block` accepts."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    ssbs = tuple((m.ssb, m.base.start, m.base.stop) for m in qkv if type(m) is PSTLinear and m.ssb is not None)
+    o = attn.o_proj
+    o_ssb = o.ssb if type(o) is PSTLinear else None
+    route = next((m.route for m in [*qkv, o] if type(m) is PSTLinear), None)
+    return BlockParts(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, attn.qkv_proj.forward,
+                      ssbs, route,
+                      attn.q_proj.out_features, attn.k_proj.out_features, attn.head_dim,
+                      attn.num_key_value_groups, attn.scaling,
+                      (o.base if type(o) is PSTLinear else o).forward, o_ssb,
+                      layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                      mlp.gate_up_proj.forward, mlp.gate_proj.out_features, mlp.act_fn, mlp.down_proj.forward)
 
 
 def fast_block(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
     """`call_layer`'s contract (x: [B, T, d] -> [B, T, d], K/V written to the bound cache rows) for a
-    block `supports_fast_block` accepts."""
-    attn, mlp = layer.self_attn, layer.mlp
+    block `supports_fast_block` accepts. Which cache layer: the one bound (`cache.bind`)."""
+    return run_block(block_parts(layer), x, mask, cos, sin, cache)
+
+
+def run_block(bp: BlockParts, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              cache: StaticKVCache) -> torch.Tensor:
+    """HF's Qwen2DecoderLayer forward, op for op, over the block's fused layers."""
     B, T, _ = x.shape
-    D = attn.head_dim
-    h = _rms(layer.input_layernorm, x)
-    qkv = _add_ssbs_(attn.qkv_proj.forward(h), [attn.q_proj, attn.k_proj, attn.v_proj])
-    nq, nk = attn.q_proj.out_features, attn.k_proj.out_features
-    q = qkv[..., :nq].view(B, T, -1, D).transpose(1, 2)
-    k = qkv[..., nq:nq + nk].view(B, T, -1, D).transpose(1, 2)
-    v = qkv[..., nq + nk:].view(B, T, -1, D).transpose(1, 2)
+    D = bp.head_dim
+    slots = bp.route.slots if bp.route is not None else None
+    h = _rms(bp.ln1, bp.eps1, x)
+    qkv = bp.qkv(h)
+    if slots is not None:  # each wrapper's SSB on its columns, in place (PSTLinear's element-wise add)
+        for table, a, b in bp.qkv_ssbs:
+            piece = qkv[..., a:b]
+            piece.add_(_bias_for(table, slots, piece))
+    q = qkv[..., :bp.nq].view(B, T, -1, D).transpose(1, 2)
+    k = qkv[..., bp.nq:bp.nq + bp.nk].view(B, T, -1, D).transpose(1, 2)
+    v = qkv[..., bp.nq + bp.nk:].view(B, T, -1, D).transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    k, v = cache.update(k, v, attn.layer_idx)
-    rep = attn.num_key_value_groups
+    k, v = cache.update(k, v, cache.layer)
+    rep = bp.rep
     if rep > 1:  # HF's SDPA interface with a mask: one query token packs the heads, more repeat K/V
         if T == 1:
             q = q.reshape(B, q.shape[1] // rep, rep, D)
         else:
             k = k[:, :, None].expand(B, k.shape[1], rep, k.shape[2], D).reshape(B, -1, k.shape[2], D)
             v = v[:, :, None].expand(B, v.shape[1], rep, v.shape[2], D).reshape(B, -1, v.shape[2], D)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scaling, is_causal=False)
-    o = o.reshape(B, -1, T, D).transpose(1, 2).contiguous()
-    x = x + _linear(attn.o_proj, o.reshape(B, T, -1).contiguous())
-    h = _rms(layer.post_attention_layernorm, x)
-    gu = mlp.gate_up_proj.forward(h)
-    n = mlp.gate_proj.out_features
-    return x + _linear(mlp.down_proj, mlp.act_fn(gu[..., :n]) * gu[..., n:])
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=bp.scaling, is_causal=False)
+    o = bp.o(o.reshape(B, -1, T, D).transpose(1, 2).contiguous().reshape(B, T, -1).contiguous())
+    if bp.o_ssb is not None and slots is not None:
+        o = o + _bias_for(bp.o_ssb, slots, o)
+    x = x + o
+    h = _rms(bp.ln2, bp.eps2, x)
+    gu = bp.gate_up(h)
+    return x + bp.down(bp.act(gu[..., :bp.n]) * gu[..., bp.n:])
+
+
+class FastBlocks:
+    """The eager engine's block call: `fast_block` with every block's parts looked up once, at engine
+    construction (the modules do not change under a running engine)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.parts = {id(b): block_parts(b) for b in layers}
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        return run_block(self.parts[id(layer)], x, mask, cos, sin, cache)
 
 
 def supports_fast_block(layer: nn.Module) -> bool:
@@ -117,6 +160,14 @@ def supports_fast_block(layer: nn.Module) -> bool:
             and type(mlp.gate_proj) is QuantSlice and type(mlp.up_proj) is QuantSlice)
 
 
-def block_fn(layers: list[nn.Module]) -> Callable:
-    """`fast_block` if every block of `layers` supports it, else the HF call."""
-    return fast_block if layers and all(supports_fast_block(b) for b in layers) else call_layer
+def fast_blocks_supported(layers: list[nn.Module]) -> bool:
+    return bool(layers) and all(supports_fast_block(b) for b in layers)
+
+
+def block_fn(layers: list[nn.Module], *, compiled: bool = False) -> Callable:
+    """The block call for `layers`: the fast block if every block supports it, else the HF call.
+    Eager: `FastBlocks(layers)`; for torch.compile: `fast_block` (a plain function, which dynamo traces
+    once per anchor and shape for every block, where a per-block lookup table would specialise)."""
+    if not fast_blocks_supported(layers):
+        return call_layer
+    return fast_block if compiled else FastBlocks(layers)

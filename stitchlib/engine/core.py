@@ -119,8 +119,10 @@ class StitchEngine:
                                  head_dim=st.head_dim, max_seq=cfg.max_seq_len, dtype=anchor.dtype, device=self.device)
 
         self.caches = {"small": cache(S, small_layers), "large": cache(L, large_layers)}
-        self.block_fn = block_fn([*S.layers, *L.layers]) if cfg.fast_blocks else call_layer
-        layer_fn = compile_layer_fn(cfg.compile_mode, self.block_fn) if cfg.compile_layers else self.block_fn
+        layers = [*S.layers, *L.layers]
+        self.block_fn = block_fn(layers) if cfg.fast_blocks else call_layer
+        layer_fn = (compile_layer_fn(cfg.compile_mode, block_fn(layers, compiled=True) if cfg.fast_blocks else call_layer)
+                    if cfg.compile_layers else self.block_fn)
         self.runner = StitchRunner(model, self.caches["small"], self.caches["large"], max_seq=cfg.max_seq_len,
                                    decode_layer_fn=layer_fn, prefill_layer_fn=self.block_fn,
                                    compiled=cfg.compile_layers)
