@@ -174,8 +174,9 @@ class PaletteDeploymentConfig(_Strict):
     default_budget: str | None = Field(None, description="X-Compute-Budget applied when a request has none")
     percent_basis: PercentBasis = Field("gflops", description="what a '<n>%' budget is a share of")
     min_latency_saving: float | None = Field(MIN_SAVING, ge=0, lt=1, description=(
-        "served front: budgets are routed to a stitch only when its profiled decode step (batch 1, in the "
-        "served dtype and quantization, on this replica) is at least this share cheaper than every better "
+        "served front: budgets are routed to a stitch only when its profiled decode step (geometric mean over "
+        "the profiled batch sizes, in the served dtype and quantization, on this replica) is at least this "
+        "share cheaper than every better "
         "deployed route's; a stitch that is not is shadowed by that route (listed in /v1/stitches with "
         "routed: false, still reachable with X-Stitch-Id). null: every deployed stitch is routed "
         "(stitchlib.gate.served_front)"))

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from stitchlib.gate import FrontDecision, ServedRoute, served_front
+from stitchlib.gate import FrontDecision, ServedRoute, served_cost, served_front
 from stitchlib.types import SamplingParams
 
 from .budget import Budget, parse_budget
@@ -154,10 +154,12 @@ class PaletteReplica:
                  len(profiles), time.perf_counter() - t0, self.profile_source)
 
     def _served_front(self) -> dict[str, FrontDecision]:
-        """Which deployed stitches budgets are routed to, priced by this replica's own profile
-        (`stitchlib.gate.served_front`); every one when `min_latency_saving` is null."""
+        """Which deployed stitches budgets are routed to, priced by this replica's own profile over every
+        batch size it measured (`stitchlib.gate.served_front`, `served_cost`); every one when
+        `min_latency_saving` is null."""
         stitches = self.engine.stitches
-        routes = [ServedRoute(s.id, s.quality, min(self.profiles[s.id].decode_step_s.items())[1]) for s in stitches]
+        sizes = set.intersection(*(set(self.profiles[s.id].decode_step_s) for s in stitches))
+        routes = [ServedRoute(s.id, s.quality, served_cost(self.profiles[s.id].decode_step_s, sizes)) for s in stitches]
         if self.cfg.min_latency_saving is None:
             return {r.id: FrontDecision(r.id, r.quality, r.cost_s, True, None, "served front off: every deployed "
                                         "stitch is routed") for r in routes}

@@ -12,7 +12,7 @@ their measured rows, and `stitchlib.palette.apply_gate` records its verdict in t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -233,8 +233,8 @@ def select_deployment(candidates: Sequence[GateRow], *, small_id: str = "small",
 @dataclass(frozen=True)
 class ServedRoute:
     """A deployed route as a replica measured it. quality: the figure the router maximises (higher is
-    better); cost_s: measured seconds per decode step at batch 1 in the served mode (dtype, quantization,
-    device) on this machine."""
+    better); cost_s: measured seconds per decode step in the served mode (dtype, quantization, device) on
+    this machine (`served_cost`: over the profiled batch sizes)."""
 
     id: str
     quality: float
@@ -258,6 +258,21 @@ class FrontDecision:
 # 3-4 of them from either; one profile of the 12, disturbed, had them at -7 and -12 % (benchmarks/QUANT.md
 # 3.6). Erring towards routing matters more: a stitch wrongly skipped sends its budgets to a cheaper route.
 MIN_SAVING = 0.02
+
+
+def served_cost(decode_step_s: Mapping[int, float], batch_sizes: Iterable[int]) -> float:
+    """The cost `served_front` compares: the geometric mean of a route's profiled seconds per decode step
+    over `batch_sizes` (those every route was profiled at). Each batch size is a measurement of its own,
+    so the ratio of two routes' costs is the geometric mean of their ratios at every batch size: with
+    four sizes about half the noise of batch 1 alone (benchmarks/QUANT.md 3.7), and a route is judged
+    at the loads the profile covers."""
+    sizes = sorted(set(batch_sizes))
+    if not sizes:
+        raise ValueError("no batch sizes to price a route at")
+    missing = [b for b in sizes if b not in decode_step_s]
+    if missing:
+        raise ValueError(f"no profiled decode step at batch size(s) {missing}")
+    return math.exp(sum(math.log(decode_step_s[b]) for b in sizes) / len(sizes))
 
 
 def served_front(routes: Sequence[ServedRoute], *, small_id: str, large_id: str,

@@ -306,3 +306,18 @@ def test_served_front_refuses_bad_input(routes, kw, needle):
     with pytest.raises(ValueError) as e:
         served_front([ServedRoute(*r) for r in routes], small_id="small", large_id="large", **kw)
     assert needle in str(e.value)
+
+
+def test_served_cost_is_the_geometric_mean_over_the_profiled_batch_sizes():
+    """Two routes' cost ratio is the geometric mean of their ratios at each batch size: a route 4 % dearer
+    at batch 1 and equal at batch 8 is 2 % dearer (to first order) overall."""
+    from stitchlib.gate import served_cost
+
+    assert served_cost({1: 0.01, 4: 0.04, 8: 0.5}, [1, 4]) == pytest.approx(0.02, rel=1e-12)
+    a, b = {1: 0.0104, 8: 0.02}, {1: 0.01, 8: 0.02}
+    assert served_cost(a, [1, 8]) / served_cost(b, [1, 8]) == pytest.approx(1.04 ** 0.5, rel=1e-12)
+    assert served_cost(a, [8, 1, 1]) == served_cost(a, [1, 8])
+    with pytest.raises(ValueError, match=r"batch size\(s\) \[4\]"):
+        served_cost(a, [1, 4])
+    with pytest.raises(ValueError, match="no batch sizes"):
+        served_cost(a, [])
