@@ -159,10 +159,15 @@ class PaletteReplica:
         `min_latency_saving` is null."""
         stitches = self.engine.stitches
         sizes = set.intersection(*(set(self.profiles[s.id].decode_step_s) for s in stitches))
-        routes = [ServedRoute(s.id, s.quality, served_cost(self.profiles[s.id].decode_step_s, sizes)) for s in stitches]
+        off = None if sizes else "no batch size profiled for every stitch (a hand-edited table?)"
         if self.cfg.min_latency_saving is None:
-            return {r.id: FrontDecision(r.id, r.quality, r.cost_s, True, None, "served front off: every deployed "
-                                        "stitch is routed") for r in routes}
+            off = "min_latency_saving is null"
+        if off:
+            if self.cfg.min_latency_saving is not None:
+                log.warning("palette %s: served front off: %s", self.model, off)
+            return {s.id: FrontDecision(s.id, s.quality, float("nan"), True, None,
+                                        f"served front off ({off}): every deployed stitch is routed") for s in stitches}
+        routes = [ServedRoute(s.id, s.quality, served_cost(self.profiles[s.id].decode_step_s, sizes)) for s in stitches]
         small = next(s.id for s in stitches if s.kind == "small")
         large = next(s.id for s in stitches if s.kind == "large")
         front = {d.id: d for d in served_front(routes, small_id=small, large_id=large,
