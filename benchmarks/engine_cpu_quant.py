@@ -8,7 +8,7 @@ Interleaved rounds (every method once per round) so load from other jobs hits al
     per `eval`, its own KV cache); HF generate per anchor (bf16, the same merged weights);
   - batch 8: tokens/s of 8 requests on one stitch, per stitch and mode.
 Before the rounds, each mode's served front (what a replica routes budgets to): serving's start-up
-profile (its default batch sizes and steps) and `stitchlib.gate.served_front` at the default margin; the target "every routed stitch
+profile (its default batch sizes and steps) and `stitchlib.gate.front_of` at the default margin; the target "every routed stitch
 between its anchors" is checked on the rounds' numbers (hatched bars in the plot: shadowed stitches).
 Floor = bytes one decode step reads (every weight on the route except the embedding table, from the
 modules' actual storage; llama.cpp: the GGUF tensors, token_embd only if the head reads it) divided by
@@ -244,7 +244,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from serving.config import ProfileConfig
-    from stitchlib.gate import MIN_SAVING, ServedRoute, served_cost, served_front
+    from stitchlib.gate import MIN_SAVING, front_of
     from stitchlib.runtime import PaletteRuntime
 
     t_start = time.time()
@@ -281,7 +281,7 @@ def main() -> None:
     rt0 = rts[modes[0]]
     sids = [s.id for s in rt0.stitches]  # deployed, cheapest first
     # The served front per mode, decided as a replica decides it: its start-up profile (serving's
-    # defaults, stitches interleaved), then stitchlib.gate.served_front at the default margin. The
+    # defaults, stitches interleaved), then stitchlib.gate.front_of at the default margin. The
     # timed rounds below are separate measurements that check the routed stitches' order.
     pc = ProfileConfig()
     front, startup = {}, {}
@@ -289,9 +289,7 @@ def main() -> None:
         prof = rts[mode].profile(prompt_len=pc.prompt_len, decode_steps=pc.decode_steps,
                                  batch_sizes=tuple(pc.batch_sizes))
         startup[mode] = {sid: {b: t * 1e3 for b, t in p.decode_step_s.items()} for sid, p in prof.items()}
-        front[mode] = {d.id: d for d in served_front(
-            [ServedRoute(s.id, s.quality, served_cost(prof[s.id].decode_step_s, pc.batch_sizes))
-             for s in rts[mode].stitches], small_id="small", large_id="large", min_saving=MIN_SAVING)}
+        front[mode] = front_of(rts[mode].stitches, prof)
     for m in modes:
         front.setdefault(m, front[m.split("+")[0]])
     vocab = rt0.model.small_anchor.stats.vocab_size

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from stitchlib.gate import FrontDecision, ServedRoute, served_cost, served_front
+from stitchlib.gate import FrontDecision, front_of
 from stitchlib.types import SamplingParams
 
 from .budget import Budget, parse_budget
@@ -158,20 +158,16 @@ class PaletteReplica:
         batch size it measured (`stitchlib.gate.served_front`, `served_cost`); every one when
         `min_latency_saving` is null."""
         stitches = self.engine.stitches
-        sizes = set.intersection(*(set(self.profiles[s.id].decode_step_s) for s in stitches))
-        off = None if sizes else "no batch size profiled for every stitch (a hand-edited table?)"
-        if self.cfg.min_latency_saving is None:
-            off = "min_latency_saving is null"
-        if off:
-            if self.cfg.min_latency_saving is not None:
+        off = "min_latency_saving is null" if self.cfg.min_latency_saving is None else None
+        if off is None:
+            try:
+                front = front_of(stitches, self.profiles, min_saving=self.cfg.min_latency_saving)
+            except ValueError as e:  # a hand-edited table: serve every stitch rather than fail start-up
+                off = str(e)
                 log.warning("palette %s: served front off: %s", self.model, off)
+        if off is not None:
             return {s.id: FrontDecision(s.id, s.quality, float("nan"), True, None,
                                         f"served front off ({off}): every deployed stitch is routed") for s in stitches}
-        routes = [ServedRoute(s.id, s.quality, served_cost(self.profiles[s.id].decode_step_s, sizes)) for s in stitches]
-        small = next(s.id for s in stitches if s.kind == "small")
-        large = next(s.id for s in stitches if s.kind == "large")
-        front = {d.id: d for d in served_front(routes, small_id=small, large_id=large,
-                                               min_saving=self.cfg.min_latency_saving)}
         for d in front.values():
             if not d.routed:
                 log.warning("palette %s: budgets skip stitch %s: %s", self.model, d.id, d.message)

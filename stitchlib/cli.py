@@ -99,7 +99,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
     from .engine.profile import save_profile
-    from .gate import MIN_SAVING, ServedRoute, served_cost, served_front
+    from .gate import MIN_SAVING, front_of
     from .runtime import PaletteRuntime
 
     if args.threads:
@@ -117,10 +117,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         return 0
     sizes = sorted(set(args.batch_sizes))
     # what a replica serving this table routes budgets to (serving's min_latency_saving, default)
-    small = next(s.id for s in rt.stitches if s.kind == "small")
-    large = next(s.id for s in rt.stitches if s.kind == "large")
-    front = {d.id: d for d in served_front([ServedRoute(s.id, s.quality, served_cost(profiles[s.id].decode_step_s, sizes))
-                                            for s in rt.stitches], small_id=small, large_id=large)}
+    front = front_of(rt.stitches, profiles)
     print(f"{'stitch':<10} {'prefill ms/tok':>14} " + " ".join(f"{'step@' + str(b) + ' ms':>11}" for b in sizes)
           + f"  budgets ({MIN_SAVING:.0%} served front)")
 

@@ -320,3 +320,17 @@ def served_front(routes: Sequence[ServedRoute], *, small_id: str, large_id: str,
         if ceiling is None or r.cost_s < ceiling.cost_s:
             ceiling = r
     return [out[i] for i in ids]
+
+
+def front_of(stitches: Sequence, profiles: Mapping, *, min_saving: float = MIN_SAVING) -> dict[str, FrontDecision]:
+    """`served_front` of a palette's deployed stitches (objects with `id`, `kind` and `quality`, e.g.
+    `stitchlib.runtime.StitchInfo`) from their profile (`StitchProfile`s by id), priced by `served_cost`
+    over the batch sizes every stitch was profiled at: what a replica, `stitchserve profile` and the
+    benchmarks decide. Raises ValueError when no batch size is common to every stitch."""
+    sizes = set.intersection(*(set(profiles[s.id].decode_step_s) for s in stitches)) if stitches else set()
+    if not sizes:
+        raise ValueError("no batch size was profiled for every stitch")
+    routes = [ServedRoute(s.id, s.quality, served_cost(profiles[s.id].decode_step_s, sizes)) for s in stitches]
+    small = next(s.id for s in stitches if s.kind == "small")
+    large = next(s.id for s in stitches if s.kind == "large")
+    return {d.id: d for d in served_front(routes, small_id=small, large_id=large, min_saving=min_saving)}

@@ -321,3 +321,29 @@ def test_served_cost_is_the_geometric_mean_over_the_profiled_batch_sizes():
         served_cost(a, [1, 4])
     with pytest.raises(ValueError, match="no batch sizes"):
         served_cost(a, [])
+
+
+def test_front_of_prices_a_palette_over_its_common_batch_sizes():
+    """What replica, `stitchserve profile` and the benchmark call: anchors found by kind, every stitch
+    priced over the batch sizes all were profiled at (a size only some have is left out)."""
+    from types import SimpleNamespace as NS
+
+    from stitchlib.gate import front_of
+    from stitchlib.types import StitchProfile
+
+    st = [NS(id="small", kind="small", quality=1.0), NS(id="mid", kind="stitch", quality=2.0),
+          NS(id="near", kind="stitch", quality=3.0), NS(id="large", kind="large", quality=4.0)]
+    # batch 1 alone would route "near" (5 % under large); over 1 and 8 it saves 0.36 %: skipped
+    prof = {"small": {1: 0.01, 8: 0.02}, "mid": {1: 0.02, 8: 0.03}, "near": {1: 0.0285, 8: 0.0418},
+            "large": {1: 0.03, 8: 0.04, 4: 0.5}}
+    profiles = {k: StitchProfile(prefill_s_per_token=0.001, decode_step_s=v) for k, v in prof.items()}
+    d = front_of(st, profiles)
+    assert {k: (v.routed, v.shadowed_by) for k, v in d.items()} == {
+        "small": (True, None), "mid": (True, None), "near": (False, "large"), "large": (True, None)}
+    assert d["large"].cost_s == pytest.approx((0.03 * 0.04) ** 0.5, rel=1e-12)  # batch 4 left out
+    assert front_of(st, profiles, min_saving=0.0)["near"].routed  # any saving counts at 0
+    assert front_of(st, {**profiles, "near": StitchProfile(prefill_s_per_token=0.001, decode_step_s={1: 0.0285, 8: 0.0422})},
+                    min_saving=0.0)["near"].shadowed_by == "large"  # 1.001x large
+    profiles["mid"] = StitchProfile(prefill_s_per_token=0.001, decode_step_s={2: 0.02})
+    with pytest.raises(ValueError, match="no batch size was profiled for every stitch"):
+        front_of(st, profiles)
